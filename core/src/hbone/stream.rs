@@ -1,0 +1,167 @@
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk handed to h2 per write, in bytes; bounds the copy of each write.
+const MAX_WRITE_BYTES: usize = 256 * 1024;
+
+/// Copy buffer per direction for [`copy_bidirectional`], in bytes.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// One HBONE stream (an HTTP/2 `CONNECT` stream) as a byte pipe.
+///
+/// Reading: DATA frames in order; `END_STREAM` and `RST_STREAM(NO_ERROR | CANCEL)` read as EOF,
+/// `RST_STREAM(STREAM_CLOSED)` as a broken pipe, other resets as errors (RFC 9113 §8.5).
+/// Writing: DATA frames within the peer's flow-control window; `shutdown` sends an empty DATA
+/// frame with `END_STREAM` (TCP half-close). Dropping it unfinished resets the stream (CANCEL).
+pub struct Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    pending: Bytes,
+    write_closed: bool,
+    response_headers: HeaderMap,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+// === impl Stream ===
+
+impl Stream {
+    pub(super) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        response_headers: HeaderMap,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            response_headers,
+            _guard: guard,
+        }
+    }
+
+    /// Headers of the server's `200` response (e.g. the destination's `baggage`); empty on the
+    /// server side.
+    pub fn response_headers(&self) -> &HeaderMap {
+        &self.response_headers
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("stream_id", &self.send.stream_id())
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn h2_to_io(err: h2::Error) -> io::Error {
+    if err.reason() == Some(Reason::STREAM_CLOSED) {
+        return io::Error::new(io::ErrorKind::BrokenPipe, err);
+    }
+    if err.is_io() {
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 io error"));
+    }
+    io::Error::other(err)
+}
+
+fn is_clean_reset(err: &h2::Error) -> bool {
+    err.is_reset() && matches!(err.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = out.remaining().min(self.pending.len());
+                out.put_slice(&self.pending[..n]);
+                self.pending.advance(n);
+                let _ = self.recv.flow_control().release_capacity(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(err)) if is_clean_reset(&err) => return Poll::Ready(Ok(())),
+                Some(Err(err)) => return Poll::Ready(Err(h2_to_io(err))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let want = buf.len().min(MAX_WRITE_BYTES);
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => {
+                    let n = granted.min(want);
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_to_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(err)) => return Poll::Ready(Err(h2_to_io(err))),
+                None => {
+                    // The stream can no longer send: report why if the peer reset it.
+                    return match self.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            format!("stream reset by peer: {reason:?}"),
+                        ))),
+                        _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                    };
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Copies both ways between `a` and `b` until both directions reach EOF, propagating each EOF
+/// as a half-close (`shutdown`) of the other side. Returns the bytes copied `(a → b, b → a)`.
+///
+/// # Errors
+/// The first I/O error in either direction.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER_BYTES, COPY_BUFFER_BYTES).await
+}
