@@ -159,11 +159,11 @@ pub struct Server<H> {
 
 impl<H: Handler> Server<H> {
     /// A server presenting `certificate` and asking `handler` about each stream.
-    pub fn new(settings: Settings, certificate: Arc<WorkloadCertificate>, handler: H) -> Self {
+    pub fn new(settings: Settings, certificate: Arc<WorkloadCertificate>, handler: Arc<H>) -> Self {
         Server {
             settings,
             certificate,
-            handler: Arc::new(handler),
+            handler,
         }
     }
 
