@@ -62,3 +62,37 @@ impl Watch {
         *self.rx.borrow() || self.rx.has_changed().is_err()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn graceful_when_watchers_finish_forced_at_the_deadline() {
+        let (trigger, watch) = channel();
+        let mut worker = watch.clone();
+        drop(watch);
+        let task = tokio::spawn(async move {
+            worker.signaled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(worker);
+        });
+        assert_eq!(
+            trigger.drain(Duration::from_secs(5)).await,
+            Outcome::Graceful
+        );
+        task.await.unwrap();
+
+        let (trigger, watch) = channel();
+        let stuck = watch.clone();
+        assert!(!stuck.is_draining());
+        drop(watch);
+        let outcome = trigger.drain(Duration::from_secs(5)).await;
+        assert_eq!(
+            outcome,
+            Outcome::Forced,
+            "a watcher that never finishes forces the drain"
+        );
+        assert!(stuck.is_draining());
+    }
+}

@@ -35,7 +35,10 @@ impl FlakyCa {
 }
 
 impl CaClient for FlakyCa {
-    fn fetch<'a>(&'a self, identity: &'a SpiffeId) -> BoxFuture<'a, Result<WorkloadCertificate, FetchError>> {
+    fn fetch<'a>(
+        &'a self,
+        identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<WorkloadCertificate, FetchError>> {
         self.calls.lock().unwrap().push(Instant::now());
         Box::pin(async move {
             if self.failing.load(Ordering::SeqCst) {
@@ -64,12 +67,17 @@ async fn refreshes_at_half_life() {
     let manager = Manager::new(ca.clone(), config());
     let identity = id("spiffe://cluster.local/ns/a/sa/client");
     let start = Instant::now();
-    let first = within("first cert", manager.fetch_certificate(&identity)).await.unwrap();
+    let first = within("first cert", manager.fetch_certificate(&identity))
+        .await
+        .unwrap();
     let half_life = first
         .refresh_at()
         .duration_since(SystemTime::now())
         .unwrap();
-    assert!(secs(half_life) > 1790.0 && secs(half_life) <= 1800.0, "{half_life:?}");
+    assert!(
+        secs(half_life) > 1790.0 && secs(half_life) <= 1800.0,
+        "{half_life:?}"
+    );
 
     tokio::time::sleep(half_life - Duration::from_secs(5)).await;
     assert_eq!(ca.calls().len(), 1, "no refresh before half-life");
@@ -79,9 +87,15 @@ async fn refreshes_at_half_life() {
     let calls = ca.calls();
     assert_eq!(calls.len(), 2, "refreshed once at half-life");
     let at = secs(calls[1] - start);
-    assert!((at - secs(half_life)).abs() < 1.0, "refresh at {at}s, half-life {half_life:?}");
+    assert!(
+        (at - secs(half_life)).abs() < 1.0,
+        "refresh at {at}s, half-life {half_life:?}"
+    );
     let second = manager.current(&identity).unwrap();
-    assert!(!Arc::ptr_eq(&second, &first), "the new certificate is in service");
+    assert!(
+        !Arc::ptr_eq(&second, &first),
+        "the new certificate is in service"
+    );
     assert_eq!(second.identity(), &identity);
 }
 
@@ -97,23 +111,34 @@ async fn keeps_serving_the_old_cert_and_backs_off_while_the_ca_fails() {
     );
     let identity = id("spiffe://cluster.local/ns/a/sa/client");
     let start = Instant::now();
-    let first = within("first cert", manager.fetch_certificate(&identity)).await.unwrap();
+    let first = within("first cert", manager.fetch_certificate(&identity))
+        .await
+        .unwrap();
     let expiry = first.not_after().duration_since(SystemTime::now()).unwrap();
     ca.failing.store(true, Ordering::SeqCst);
 
     // Just before expiry: many failed renewals, the first certificate still in service.
     tokio::time::sleep(expiry - Duration::from_secs(2)).await;
-    let current = manager.current(&identity).expect("old cert kept while ca fails");
+    let current = manager
+        .current(&identity)
+        .expect("old cert kept while ca fails");
     assert!(Arc::ptr_eq(&current, &first));
     let state = manager.state(&identity).unwrap();
     assert_eq!(state.last_error.as_deref(), Some("ca unavailable"));
 
     let calls = ca.calls();
-    let gaps: Vec<f64> = calls.windows(2).skip(1).map(|w| secs(w[1] - w[0])).collect();
+    let gaps: Vec<f64> = calls
+        .windows(2)
+        .skip(1)
+        .map(|w| secs(w[1] - w[0]))
+        .collect();
     let expected = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0];
     assert!(gaps.len() > expected.len(), "too few retries: {gaps:?}");
     for (gap, want) in gaps.iter().zip(expected) {
-        assert!((gap - want).abs() < 0.01, "gaps {gaps:?}, expected doubling to a 20 s cap");
+        assert!(
+            (gap - want).abs() < 0.01,
+            "gaps {gaps:?}, expected doubling to a 20 s cap"
+        );
     }
     assert!(gaps.iter().all(|g| *g <= 20.01), "backoff capped: {gaps:?}");
 
@@ -121,8 +146,14 @@ async fn keeps_serving_the_old_cert_and_backs_off_while_the_ca_fails() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let calls = ca.calls();
     let last = secs(*calls.last().unwrap() - start);
-    assert!((last - secs(expiry)).abs() < 1.0 || last < secs(expiry), "retry at {last}, expiry {expiry:?}");
-    assert!(manager.current(&identity).is_none(), "expired cert no longer served");
+    assert!(
+        (last - secs(expiry)).abs() < 1.0 || last < secs(expiry),
+        "retry at {last}, expiry {expiry:?}"
+    );
+    assert!(
+        manager.current(&identity).is_none(),
+        "expired cert no longer served"
+    );
 
     // The CA recovers: the next retry restores service.
     ca.failing.store(false, Ordering::SeqCst);
@@ -182,7 +213,10 @@ async fn prefetch_and_forget() {
 struct WrongCa(LocalCa);
 
 impl CaClient for WrongCa {
-    fn fetch<'a>(&'a self, _identity: &'a SpiffeId) -> BoxFuture<'a, Result<WorkloadCertificate, FetchError>> {
+    fn fetch<'a>(
+        &'a self,
+        _identity: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<WorkloadCertificate, FetchError>> {
         Box::pin(async move { self.0.issue(&id("spiffe://cluster.local/ns/x/sa/x")) })
     }
 }
@@ -198,6 +232,9 @@ async fn a_certificate_for_another_identity_is_rejected() {
     );
     let identity = id("spiffe://cluster.local/ns/a/sa/a");
     let err = manager.certificate(&identity).await.unwrap_err();
-    assert!(err.to_string().contains("spiffe://cluster.local/ns/x/sa/x"), "{err}");
+    assert!(
+        err.to_string().contains("spiffe://cluster.local/ns/x/sa/x"),
+        "{err}"
+    );
     assert!(manager.current(&identity).is_none());
 }

@@ -77,7 +77,11 @@ async fn start(deny: Vec<SpiffeId>) -> Fixture {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hbone_addr = listener.local_addr().unwrap();
     let (trigger, watch) = drain::channel();
-    let server = Arc::new(Server::new(Settings::default(), server_cert, handler.clone()));
+    let server = Arc::new(Server::new(
+        Settings::default(),
+        server_cert,
+        handler.clone(),
+    ));
     tokio::spawn(server.serve(listener, watch));
     Fixture {
         hbone_addr,
@@ -93,7 +97,12 @@ fn pool_for(cert: Arc<WorkloadCertificate>, config: PoolConfig) -> Pool {
 }
 
 fn key(fx: &Fixture, src: &WorkloadCertificate, expected: &str) -> Key {
-    Key::new(src.identity().clone(), vec![id(expected)], fx.hbone_addr, None)
+    Key::new(
+        src.identity().clone(),
+        vec![id(expected)],
+        fx.hbone_addr,
+        None,
+    )
 }
 
 /// An upstream that hashes everything it receives until EOF, then writes the hex digest back
@@ -144,9 +153,12 @@ async fn one_gib_through_one_stream_arrives_intact() {
     let upstream = hashing_upstream().await;
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
     let key = key(&fx, &fx.client_cert, SERVER_ID);
-    let mut stream = within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new()))
-        .await
-        .unwrap();
+    let mut stream = within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         stream.response_headers().get("baggage").unwrap(),
         "k8s.namespace.name=b",
@@ -162,7 +174,9 @@ async fn one_gib_through_one_stream_arrives_intact() {
         for _ in 0..TOTAL / chunk.len() {
             for word in chunk.chunks_exact_mut(8) {
                 word.copy_from_slice(&counter.to_le_bytes());
-                counter = counter.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                counter = counter
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
             }
             hasher.update(&chunk);
             stream.write_all(&chunk).await.unwrap();
@@ -172,12 +186,22 @@ async fn one_gib_through_one_stream_arrives_intact() {
     })
     .await;
     let mut digest = String::new();
-    within("read digest", stream.read_to_string(&mut digest)).await.unwrap();
-    assert_eq!(digest, format!("{:x}", hasher.finalize()), "bytes arrived intact");
+    within("read digest", stream.read_to_string(&mut digest))
+        .await
+        .unwrap();
+    assert_eq!(
+        digest,
+        format!("{:x}", hasher.finalize()),
+        "bytes arrived intact"
+    );
 
     let seen = fx.handler.seen.lock().unwrap();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].peer_identity, id(CLIENT_ID), "server saw the client's identity");
+    assert_eq!(
+        seen[0].peer_identity,
+        id(CLIENT_ID),
+        "server saw the client's identity"
+    );
     assert_eq!(seen[0].authority, Authority::Addr(upstream));
 }
 
@@ -217,14 +241,27 @@ async fn a_server_with_the_wrong_identity_is_refused_by_the_client() {
     let fx = start(vec![]).await;
     let upstream = echo_upstream().await;
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
-    let key = key(&fx, &fx.client_cert, "spiffe://cluster.local/ns/b/sa/someone-else");
-    let err = within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new()))
-        .await
-        .unwrap_err();
+    let key = key(
+        &fx,
+        &fx.client_cert,
+        "spiffe://cluster.local/ns/b/sa/someone-else",
+    );
+    let err = within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, PoolError::Tls { .. }), "{err:?}");
     let chain = format!("{:?}", err);
-    assert!(chain.contains("someone-else") && chain.contains(SERVER_ID), "{chain}");
-    assert!(fx.handler.seen.lock().unwrap().is_empty(), "nothing reached the server handler");
+    assert!(
+        chain.contains("someone-else") && chain.contains(SERVER_ID),
+        "{chain}"
+    );
+    assert!(
+        fx.handler.seen.lock().unwrap().is_empty(),
+        "nothing reached the server handler"
+    );
     assert_eq!(pool.connections(&key), 0);
 }
 
@@ -236,17 +273,30 @@ async fn a_client_from_another_trust_domain_is_refused_by_the_server() {
     let foreign = issue(&fx.signer, "spiffe://other.domain/ns/a/sa/client");
     let pool = pool_for(foreign.clone(), PoolConfig::default());
     let key = key(&fx, &foreign, SERVER_ID);
-    let result = within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new())).await;
+    let result = within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await;
     let err = result.expect_err("server must refuse a foreign trust domain");
-    assert!(err.status().is_none(), "refused at the handshake, not by a status: {err:?}");
-    assert!(fx.handler.seen.lock().unwrap().is_empty(), "nothing reached the server handler");
+    assert!(
+        err.status().is_none(),
+        "refused at the handshake, not by a status: {err:?}"
+    );
+    assert!(
+        fx.handler.seen.lock().unwrap().is_empty(),
+        "nothing reached the server handler"
+    );
 
     // The same pool setup with an in-domain identity works, so the refusal was the trust domain.
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
     let key = self::key(&fx, &fx.client_cert, SERVER_ID);
-    within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new()))
-        .await
-        .unwrap();
+    within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -255,19 +305,33 @@ async fn a_401_decision_reaches_the_client_as_401() {
     let upstream = echo_upstream().await;
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
     let key = key(&fx, &fx.client_cert, SERVER_ID);
-    let err = within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new()))
-        .await
-        .unwrap_err();
+    let err = within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED), "{err:?}");
     // An unreachable upstream is a 503 from this handler.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let fx = start(vec![]).await;
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
     let key = self::key(&fx, &fx.client_cert, SERVER_ID);
-    let err = within("connect", pool.connect(&key, &closed.to_string(), HeaderMap::new()))
-        .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{err:?}");
+    let err = within(
+        "connect",
+        pool.connect(&key, &closed.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.status(),
+        Some(StatusCode::SERVICE_UNAVAILABLE),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -276,10 +340,16 @@ async fn request_headers_and_hostname_authorities_reach_the_handler() {
     let pool = pool_for(fx.client_cert.clone(), PoolConfig::default());
     let key = key(&fx, &fx.client_cert, SERVER_ID);
     let mut headers = HeaderMap::new();
-    headers.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
-    let err = within("connect", pool.connect(&key, "echo.a.svc.cluster.local:80", headers))
-        .await
-        .unwrap_err();
+    headers.insert(
+        "traceparent",
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+    );
+    let err = within(
+        "connect",
+        pool.connect(&key, "echo.a.svc.cluster.local:80", headers),
+    )
+    .await
+    .unwrap_err();
     // This handler only forwards to addresses.
     assert_eq!(err.status(), Some(StatusCode::BAD_REQUEST));
     let seen = fx.handler.seen.lock().unwrap();
@@ -310,11 +380,16 @@ async fn half_close_works_in_both_directions() {
         conn.read_to_end(&mut got).await.unwrap();
         got
     });
-    let mut stream = within("connect", pool.connect(&key, &addr.to_string(), HeaderMap::new()))
+    let mut stream = within(
+        "connect",
+        pool.connect(&key, &addr.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    within("read to eof", stream.read_to_end(&mut got))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    within("read to eof", stream.read_to_end(&mut got)).await.unwrap();
     assert_eq!(got, b"server done", "client saw the server's FIN as EOF");
     // Our write side is still open after the peer's half-close.
     stream.write_all(b"client still talking").await.unwrap();
@@ -333,16 +408,25 @@ async fn half_close_works_in_both_directions() {
         conn.write_all(b" -- after eof").await.unwrap();
         conn.shutdown().await.unwrap();
     });
-    let mut stream = within("connect", pool.connect(&key, &addr.to_string(), HeaderMap::new()))
-        .await
-        .unwrap();
+    let mut stream = within(
+        "connect",
+        pool.connect(&key, &addr.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap();
     stream.write_all(b"hello").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut got = Vec::new();
-    within("read reply", stream.read_to_end(&mut got)).await.unwrap();
+    within("read reply", stream.read_to_end(&mut got))
+        .await
+        .unwrap();
     assert_eq!(got, b"hello -- after eof");
     within("server", server).await.unwrap();
-    assert_eq!(pool.connections(&key), 1, "both streams shared one connection");
+    assert_eq!(
+        pool.connections(&key),
+        1,
+        "both streams shared one connection"
+    );
 }
 
 #[tokio::test]
@@ -357,11 +441,18 @@ async fn idle_connections_are_released() {
         },
     );
     let key = key(&fx, &fx.client_cert, SERVER_ID);
-    let stream = within("connect", pool.connect(&key, &upstream.to_string(), HeaderMap::new()))
-        .await
-        .unwrap();
+    let stream = within(
+        "connect",
+        pool.connect(&key, &upstream.to_string(), HeaderMap::new()),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(pool.connections(&key), 1, "a connection with a live stream is kept");
+    assert_eq!(
+        pool.connections(&key),
+        1,
+        "a connection with a live stream is kept"
+    );
     drop(stream);
     within("release", async {
         while pool.connections(&key) != 0 {
@@ -378,7 +469,10 @@ async fn non_connect_and_portless_requests_get_400() {
     let config = tls::client_config(&fx.client_cert, vec![id(SERVER_ID)]).unwrap();
     let tcp = TcpStream::connect(fx.hbone_addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(rustls::pki_types::ServerName::try_from("0.0.0.0").unwrap(), tcp)
+        .connect(
+            rustls::pki_types::ServerName::try_from("0.0.0.0").unwrap(),
+            tcp,
+        )
         .await
         .unwrap();
     let (mut send, conn) = within("h2", h2::client::handshake(tls)).await.unwrap();
@@ -389,7 +483,10 @@ async fn non_connect_and_portless_requests_get_400() {
         .body(())
         .unwrap();
     let (resp, _) = send.send_request(get, true).unwrap();
-    assert_eq!(within("get", resp).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        within("get", resp).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
     let connect = http::Request::builder()
         .method("CONNECT")
         .uri("example.com")
@@ -397,6 +494,12 @@ async fn non_connect_and_portless_requests_get_400() {
         .unwrap();
     let mut send = send.ready().await.unwrap();
     let (resp, _) = send.send_request(connect, false).unwrap();
-    assert_eq!(within("portless", resp).await.unwrap().status(), StatusCode::BAD_REQUEST);
-    assert!(fx.handler.seen.lock().unwrap().is_empty(), "rejected before the handler");
+    assert_eq!(
+        within("portless", resp).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert!(
+        fx.handler.seen.lock().unwrap().is_empty(),
+        "rejected before the handler"
+    );
 }

@@ -34,3 +34,30 @@ fn build() -> CryptoProvider {
     });
     provider
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_two_aes_gcm_tls13_suites_from_the_configured_backend() {
+        let provider = provider();
+        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut sorted = suites.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        assert_eq!(
+            sorted,
+            vec![
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+            ]
+        );
+        // aws-lc-rs' key provider debug-prints as `AwsLcRs`; BoringSSL's does not.
+        let backend = format!("{:?}", provider.key_provider);
+        assert_eq!(
+            backend.contains("AwsLc"),
+            !cfg!(feature = "fips"),
+            "key provider {backend} does not match the fips feature"
+        );
+    }
+}
