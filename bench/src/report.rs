@@ -100,7 +100,7 @@ impl Machine {
 /// The crypto provider the TLS paths ran on.
 fn crypto_provider() -> &'static str {
     if cfg!(feature = "fips") {
-        "boringssl-fips"
+        "boringssl"
     } else {
         "aws-lc-rs"
     }

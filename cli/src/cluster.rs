@@ -1,0 +1,645 @@
+//! The local cluster: a sealed, one-machine Kubernetes stand-in built from network namespaces,
+//! Debian's CNI plugins and ordinary processes (design: `shared/design/local-cluster.md`).
+//!
+//! [`Cluster`] is the Rust API the CLI, the end-to-end suites and the benchmarks use: bring up N
+//! nodes, apply manifests, wait for pods, exec in a pod, read logs, tear down. Pieces:
+//! [`layout`] (names and addresses), [`network`] (the sealed namespaces), [`cni`] (the per-node
+//! CNI chain), [`store`] (the object store), [`manifest`] (parsing and validation), [`runner`]
+//! (kubelet + scheduler + controllers, one daemon per cluster) and [`proxy`] (service VIP rules).
+
+pub mod cni;
+pub mod layout;
+pub mod manifest;
+pub mod netns;
+pub mod network;
+pub mod proxy;
+pub mod runner;
+pub mod store;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub use layout::Layout;
+pub use manifest::{Object, ObjectKey};
+pub use store::{Outcome, Store};
+
+/// Errors of cluster operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not running as root.
+    #[error(
+        "weft cluster needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network namespaces"
+    )]
+    NotRoot,
+    /// Bad cluster name.
+    #[error(transparent)]
+    Name(#[from] layout::InvalidName),
+    /// Bad node count.
+    #[error("a cluster has 1 to {max} nodes, not {0}", max = layout::MAX_NODES)]
+    Nodes(u8),
+    /// `up` for a cluster that exists.
+    #[error("cluster {0:?} already exists (run `weft cluster down --name {0}` first)")]
+    AlreadyExists(String),
+    /// The cluster is not up.
+    #[error("cluster {0:?} not found")]
+    NotFound(String),
+    /// Building the network failed.
+    #[error(transparent)]
+    Network(#[from] network::Error),
+    /// A command failed.
+    #[error(transparent)]
+    Command(#[from] netns::Error),
+    /// The object store failed or refused an apply.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// A manifest is invalid.
+    #[error(transparent)]
+    Manifest(#[from] manifest::Error),
+    /// Writing CNI configuration failed.
+    #[error(transparent)]
+    Cni(#[from] cni::Error),
+    /// A file operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runner daemon did not start.
+    #[error("runner did not start: {0}")]
+    Runner(String),
+    /// Waiting timed out.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// No such pod.
+    #[error("pod {0} not found")]
+    PodNotFound(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// How to bring a cluster up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Cluster name (part of every namespace name).
+    pub name: String,
+    /// Number of nodes; default 2.
+    pub nodes: u8,
+    /// State directory; default `/var/run/weft/clusters/<name>`.
+    pub state_dir: Option<PathBuf>,
+    /// The `weft` executable that runs the runner daemon; default: this executable.
+    pub weft_exe: Option<PathBuf>,
+    /// Directories searched for CNI plugins; default `/usr/lib/cni`.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Extra plugin configs chained after `bridge` in every node's config list.
+    pub chained_plugins: Vec<serde_json::Value>,
+}
+
+impl Options {
+    /// Defaults for cluster `name`.
+    pub fn new(name: &str) -> Self {
+        Options {
+            name: name.to_owned(),
+            nodes: 2,
+            state_dir: None,
+            weft_exe: None,
+            plugin_dirs: vec![PathBuf::from(layout::DEFAULT_CNI_BIN_DIR)],
+            chained_plugins: Vec::new(),
+        }
+    }
+}
+
+/// What `up` records in `cluster.json` for later commands and the runner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Description {
+    /// Cluster name.
+    pub name: String,
+    /// Node count.
+    pub nodes: u8,
+    /// CNI plugin directories.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Directories searched for container programs before `PATH`.
+    pub program_dirs: Vec<PathBuf>,
+}
+
+/// A running local cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    layout: Layout,
+    description: Description,
+    store: Store,
+}
+
+/// Whether this process may build clusters.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    /// Creates the network, the store and the runner daemon; waits until the runner is up.
+    ///
+    /// # Errors
+    /// [`Error::NotRoot`], [`Error::AlreadyExists`], or whatever failed (everything made so far
+    /// is removed again).
+    pub fn up(options: &Options) -> Result<Cluster, Error> {
+        if !is_root() {
+            return Err(Error::NotRoot);
+        }
+        if !(1..=layout::MAX_NODES).contains(&options.nodes) {
+            return Err(Error::Nodes(options.nodes));
+        }
+        let layout = Layout::new(&options.name, options.state_dir.as_deref())?;
+        if layout.cluster_file().exists() || !network::namespaces(&layout).is_empty() {
+            return Err(Error::AlreadyExists(options.name.clone()));
+        }
+        let weft_exe = match &options.weft_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().map_err(io("finding the weft executable"))?,
+        };
+        let description = Description {
+            name: options.name.clone(),
+            nodes: options.nodes,
+            plugin_dirs: options.plugin_dirs.clone(),
+            program_dirs: weft_exe
+                .parent()
+                .map(Path::to_path_buf)
+                .into_iter()
+                .collect(),
+        };
+        std::fs::create_dir_all(layout.state_dir())
+            .map_err(io(format!("creating {}", layout.state_dir().display())))?;
+        let text = serde_json::to_vec_pretty(&description).unwrap_or_default();
+        store::write_atomic(&layout.cluster_file(), &text)?;
+        let cluster = Cluster {
+            store: Store::new(layout.store_dir()),
+            layout,
+            description,
+        };
+        if let Err(err) = cluster.build(options, &weft_exe) {
+            let _ = Cluster::down(&options.name, options.state_dir.as_deref());
+            return Err(err);
+        }
+        Ok(cluster)
+    }
+
+    fn build(&self, options: &Options, weft_exe: &Path) -> Result<(), Error> {
+        let layout = &self.layout;
+        network::create(layout, options.nodes)?;
+        for node in 1..=options.nodes {
+            let list = cni::conflist(layout, node, &options.chained_plugins);
+            cni::write_conflist(
+                &layout.node_dir(node).join("cni").join("10-weft.conflist"),
+                &list,
+            )?;
+        }
+        let mut objects = vec![Object(json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}
+        }))];
+        for node in 1..=options.nodes {
+            let name = layout::node_name(node);
+            objects.push(Object(json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+                "spec": {"podCIDR": format!("{}/24", layout::pod_cidr(node)), "podCIDRs": [format!("{}/24", layout::pod_cidr(node))]},
+            })));
+        }
+        self.store.apply(&objects)?;
+        for node in 1..=options.nodes {
+            let key = ObjectKey::new("", "Node", None, &layout::node_name(node));
+            let status = json!({
+                "addresses": [
+                    {"type": "InternalIP", "address": layout::node_ip(node).to_string()},
+                    {"type": "Hostname", "address": layout::node_name(node)},
+                ],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            });
+            self.store.update_status(&key, status)?;
+        }
+
+        let log = std::fs::File::create(layout.runner_log()).map_err(io("creating runner log"))?;
+        let log_err = log.try_clone().map_err(io("creating runner log"))?;
+        let child = Command::new(weft_exe)
+            .args(["cluster", "runner", "--name", layout.name(), "--state-dir"])
+            .arg(layout.state_dir())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(io(format!(
+                "starting {} cluster runner",
+                weft_exe.display()
+            )))?;
+        std::fs::write(layout.runner_pid_file(), child.id().to_string())
+            .map_err(io("writing runner pid"))?;
+        let ready = layout.state_dir().join("runner.ready");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            if Instant::now() > deadline || !process_alive(child.id() as i32) {
+                let log = std::fs::read_to_string(layout.runner_log()).unwrap_or_default();
+                return Err(Error::Runner(
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Opens a cluster that is up.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when it has no `cluster.json`.
+    pub fn open(name: &str, state_dir: Option<&Path>) -> Result<Cluster, Error> {
+        let layout = Layout::new(name, state_dir)?;
+        let text =
+            std::fs::read(layout.cluster_file()).map_err(|_| Error::NotFound(name.to_owned()))?;
+        let description: Description =
+            serde_json::from_slice(&text).map_err(|_| Error::NotFound(name.to_owned()))?;
+        Ok(Cluster {
+            store: Store::new(layout.store_dir()),
+            layout,
+            description,
+        })
+    }
+
+    /// Stops and removes everything cluster `name` made: the runner, every process in its
+    /// namespaces, the namespaces (with their veths, bridges, routes and rules) and the state
+    /// directory. Works after a crashed or killed `up`. Returns false when nothing was found.
+    ///
+    /// # Errors
+    /// [`Error::NotRoot`], or the first teardown step that failed (the others still run).
+    pub fn down(name: &str, state_dir: Option<&Path>) -> Result<bool, Error> {
+        if !is_root() {
+            return Err(Error::NotRoot);
+        }
+        let layout = Layout::new(name, state_dir)?;
+        let mut found = false;
+        for pid in runner_pids(&layout) {
+            found = true;
+            stop_process(pid);
+        }
+        let namespaces = network::namespaces(&layout);
+        found |= !namespaces.is_empty();
+        let result = network::destroy(&layout);
+        if layout.state_dir().exists() {
+            found = true;
+            std::fs::remove_dir_all(layout.state_dir())
+                .map_err(io(format!("removing {}", layout.state_dir().display())))?;
+        }
+        result?;
+        Ok(found)
+    }
+
+    /// The cluster's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// What `up` recorded.
+    pub fn description(&self) -> &Description {
+        &self.description
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Applies objects (all or nothing).
+    ///
+    /// # Errors
+    /// [`Error::Store`] naming the object.
+    pub fn apply(&self, objects: &[Object]) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
+        Ok(self.store.apply(objects)?)
+    }
+
+    /// Parses and applies a manifest text.
+    ///
+    /// # Errors
+    /// [`Error::Manifest`] or [`Error::Store`]; nothing is applied then.
+    pub fn apply_yaml(&self, text: &str) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
+        self.apply(&manifest::parse(text, "-")?)
+    }
+
+    /// Reads and applies a file or directory of manifests.
+    ///
+    /// # Errors
+    /// [`Error::Manifest`] or [`Error::Store`]; nothing is applied then.
+    pub fn apply_path(&self, path: &Path) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
+        self.apply(&manifest::read_path(path)?)
+    }
+
+    /// Deletes the objects named in a manifest text.
+    ///
+    /// # Errors
+    /// [`Error::Manifest`] or [`Error::Store`].
+    pub fn delete_yaml(&self, text: &str) -> Result<Vec<(ObjectKey, bool)>, Error> {
+        let keys: Vec<ObjectKey> = manifest::parse(text, "-")?
+            .iter()
+            .map(Object::key)
+            .collect();
+        Ok(self.store.delete(&keys)?)
+    }
+
+    /// Deletes the objects named in a file or directory of manifests.
+    ///
+    /// # Errors
+    /// [`Error::Manifest`] or [`Error::Store`].
+    pub fn delete_path(&self, path: &Path) -> Result<Vec<(ObjectKey, bool)>, Error> {
+        let keys: Vec<ObjectKey> = manifest::read_path(path)?.iter().map(Object::key).collect();
+        Ok(self.store.delete(&keys)?)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a label on a namespace.
+    ///
+    /// # Errors
+    /// [`Error::Store`]; [`Error::NotFound`] for a missing namespace.
+    pub fn label_namespace(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<(), Error> {
+        let object_key = ObjectKey::new("", "Namespace", None, namespace);
+        let _lock = self.store.lock()?;
+        let mut object = self
+            .store
+            .get(&object_key)?
+            .ok_or_else(|| Error::NotFound(format!("namespace {namespace}")))?;
+        match value {
+            Some(value) => object.0["metadata"]["labels"][key] = json!(value),
+            None => {
+                if let Some(labels) = object.0["metadata"]["labels"].as_object_mut() {
+                    labels.remove(key);
+                }
+            }
+        }
+        self.store.put(&object)?;
+        Ok(())
+    }
+
+    /// Pods in `namespace` (all namespaces for `None`).
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub fn pods(&self, namespace: Option<&str>) -> Result<Vec<Object>, Error> {
+        Ok(self
+            .store
+            .list("", "Pod")?
+            .into_iter()
+            .filter(|p| namespace.is_none_or(|ns| p.namespace() == Some(ns)))
+            .collect())
+    }
+
+    /// One pod.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`].
+    pub fn pod(&self, namespace: &str, name: &str) -> Result<Object, Error> {
+        self.store
+            .get(&ObjectKey::new("", "Pod", Some(namespace), name))?
+            .ok_or_else(|| Error::PodNotFound(format!("{namespace}/{name}")))
+    }
+
+    /// Waits until exactly `count` pods in `namespace` carrying every label of `selector` are
+    /// Ready, and returns them.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] listing what was seen last.
+    pub fn wait_ready(
+        &self,
+        namespace: &str,
+        selector: &[(&str, &str)],
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Object>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pods: Vec<Object> = self
+                .pods(Some(namespace))?
+                .into_iter()
+                .filter(|p| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| p.0["metadata"]["labels"][*k] == *v)
+                })
+                .collect();
+            let ready: Vec<Object> = pods.iter().filter(|p| pod_ready(p)).cloned().collect();
+            if ready.len() == count && pods.len() == count {
+                return Ok(ready);
+            }
+            if Instant::now() > deadline {
+                let seen: Vec<String> = pods
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p.name(),
+                            p.0["status"]["phase"].as_str().unwrap_or("Pending")
+                        )
+                    })
+                    .collect();
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{count} ready pods {selector:?} in {namespace} (seen: {seen:?})"
+                    ),
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A command that runs `argv` inside a pod's network namespace.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] when the pod does not exist or has no network namespace.
+    pub fn exec_command(
+        &self,
+        namespace: &str,
+        pod: &str,
+        argv: &[&str],
+    ) -> Result<Command, Error> {
+        let object = self.pod(namespace, pod)?;
+        let uid = object
+            .uid()
+            .ok_or_else(|| Error::PodNotFound(format!("{namespace}/{pod}")))?;
+        let netns_name = self.layout.pod_netns(uid);
+        if !netns::exists(&netns_name) {
+            return Err(Error::PodNotFound(format!(
+                "{namespace}/{pod} (not running)"
+            )));
+        }
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| Error::PodNotFound("no command given".into()))?;
+        let program = self
+            .description
+            .program_dirs
+            .iter()
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from(program));
+        let mut cmd = netns::command_in(&netns_name, program);
+        cmd.args(args);
+        Ok(cmd)
+    }
+
+    /// Runs `argv` inside a pod's network namespace and captures its output.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] or [`Error::Io`] if it cannot be started.
+    pub fn exec(&self, namespace: &str, pod: &str, argv: &[&str]) -> Result<Output, Error> {
+        self.exec_command(namespace, pod, argv)?
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io(format!("exec in {namespace}/{pod}")))
+    }
+
+    /// A container's log (the first container when `container` is `None`).
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] or [`Error::Io`].
+    pub fn logs(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: Option<&str>,
+    ) -> Result<String, Error> {
+        let object = self.pod(namespace, pod)?;
+        let uid = object.uid().unwrap_or_default();
+        let container = match container {
+            Some(c) => c.to_owned(),
+            None => object.0["spec"]["containers"][0]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let path = self.layout.pod_dir(uid).join(format!("{container}.log"));
+        std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))
+    }
+}
+
+/// Whether a pod object has condition `Ready=True`.
+pub fn pod_ready(pod: &Object) -> bool {
+    pod.0["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// PIDs of runner daemons of this cluster: from the pid file and from a scan of `/proc` (a
+/// killed `up` may not have written the file).
+fn runner_pids(layout: &Layout) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let entries = std::fs::read_dir("/proc").map(|e| e.filter_map(Result::ok).collect::<Vec<_>>());
+    for entry in entries.unwrap_or_default() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_runner = args
+            .windows(2)
+            .any(|w| w == [&b"cluster"[..], &b"runner"[..]])
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--name" && w[1] == layout.name().as_bytes());
+        if is_runner && process_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGTERM, wait up to 10 s (the runner stops its pods), then SIGKILL.
+fn stop_process(pid: i32) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if process_alive(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Entry point of the `weft cluster runner` daemon: runs the runner for an existing cluster until
+/// SIGTERM/SIGINT.
+///
+/// # Errors
+/// [`Error::NotFound`] or [`Error::Io`].
+pub fn run_runner(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = Cluster::open(name, state_dir)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting signal runtime"))?;
+    std::thread::spawn(move || {
+        signals.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+    });
+    let config = runner::Config {
+        layout: cluster.layout.clone(),
+        nodes: cluster.description.nodes,
+        plugin_dirs: cluster.description.plugin_dirs.clone(),
+        program_dirs: cluster.description.program_dirs.clone(),
+        tick: Duration::from_millis(200),
+    };
+    runner::run(config, &stop).map_err(|e| Error::Runner(e.to_string()))
+}

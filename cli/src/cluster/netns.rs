@@ -1,0 +1,188 @@
+//! Network namespaces and the commands run in them: a thin shell over `ip`, `iptables-restore`
+//! and `setns(2)`.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Directory where `ip netns` keeps named namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// A command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The program could not be started.
+    #[error("running {command}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program exited unsuccessfully.
+    #[error("{command} failed ({status}): {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// Entering a namespace failed.
+    #[error("entering network namespace {name}")]
+    Enter {
+        /// The namespace.
+        name: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut text = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+/// Runs `cmd` (stdin `input` if given) and returns its stdout.
+///
+/// # Errors
+/// [`Error::Spawn`] or [`Error::Failed`] with the command line and stderr.
+pub fn run(cmd: &mut Command, input: Option<&[u8]>) -> Result<String, Error> {
+    let command = describe(cmd);
+    let output = if let Some(input) = input {
+        use std::io::Write;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input);
+        }
+        child.wait_with_output()
+    } else {
+        cmd.stdin(Stdio::null()).output()
+    }
+    .map_err(|source| Error::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    check(command, output)
+}
+
+fn check(command: String, output: Output) -> Result<String, Error> {
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(Error::Failed {
+            command,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Runs `ip <args>`.
+///
+/// # Errors
+/// As [`run`].
+pub fn ip(args: &[&str]) -> Result<String, Error> {
+    run(Command::new("ip").args(args), None)
+}
+
+/// Runs `ip -n <netns> <args>` (the command acts inside the namespace).
+///
+/// # Errors
+/// As [`run`].
+pub fn ip_in(netns: &str, args: &[&str]) -> Result<String, Error> {
+    run(Command::new("ip").arg("-n").arg(netns).args(args), None)
+}
+
+/// A command that runs `program` inside `netns` (`ip netns exec`).
+pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(program);
+    cmd
+}
+
+/// Creates a named network namespace with its loopback up.
+///
+/// # Errors
+/// As [`run`].
+pub fn add(name: &str) -> Result<(), Error> {
+    ip(&["netns", "add", name])?;
+    ip_in(name, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// Deletes a named network namespace (missing is fine).
+///
+/// # Errors
+/// As [`run`], except for a namespace that does not exist.
+pub fn delete(name: &str) -> Result<(), Error> {
+    if !exists(name) {
+        return Ok(());
+    }
+    ip(&["netns", "delete", name]).map(drop)
+}
+
+/// Whether a named namespace exists.
+pub fn exists(name: &str) -> bool {
+    Path::new(NETNS_DIR).join(name).exists()
+}
+
+/// Every named network namespace.
+pub fn list() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(NETNS_DIR)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// PIDs of processes inside `name`.
+pub fn pids(name: &str) -> Vec<i32> {
+    ip(&["netns", "pids", name])
+        .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Runs `f` on a fresh thread that has entered `name`, so sockets it creates belong to that
+/// namespace (they keep it after the thread ends). The calling thread is untouched.
+///
+/// # Errors
+/// [`Error::Enter`] if the namespace cannot be entered.
+pub fn within<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    let enter = |source| Error::Enter {
+        name: name.to_owned(),
+        source,
+    };
+    let file = File::open(Path::new(NETNS_DIR).join(name)).map_err(enter)?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("thread panicked"))
+    .and_then(|r| r)
+    .map_err(enter)
+}

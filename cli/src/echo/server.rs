@@ -1,0 +1,449 @@
+//! The echo server: HTTP/1.1 + h2c on one port, TCP echo on another, graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The default bound on a request body the server reads: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+
+/// Who the server says it is in every answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodIdentity {
+    /// The pod name (`POD_NAME`, else the hostname).
+    pub pod: String,
+    /// The pod's namespace (`POD_NAMESPACE`, else empty).
+    pub namespace: String,
+}
+
+impl PodIdentity {
+    /// From the downward-API values the cluster runner sets (`POD_NAME`, `POD_NAMESPACE`): an
+    /// unset or empty `pod` falls back to this host's name, an unset `namespace` to `""`.
+    pub fn resolve(pod: Option<String>, namespace: Option<String>) -> Self {
+        Self {
+            pod: pod.filter(|p| !p.is_empty()).unwrap_or_else(hostname),
+            namespace: namespace.unwrap_or_default(),
+        }
+    }
+}
+
+/// The kernel's host name, else `$HOSTNAME`, else `"unknown"`.
+fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .chain(std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// What [`bind`] listens on and how the server behaves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The HTTP (HTTP/1.1 and h2c) listen address; port 0 picks a free port.
+    pub http: SocketAddr,
+    /// The TCP echo listen address; port 0 picks a free port.
+    pub tcp: SocketAddr,
+    /// The name and namespace reported in every answer and greeting.
+    pub identity: PodIdentity,
+    /// The largest request body read, in bytes; a larger one is answered `413`.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests and TCP connections may continue after shutdown starts before
+    /// they are closed.
+    pub drain_timeout: Duration,
+}
+
+impl ServeConfig {
+    /// `0.0.0.0:8080` for HTTP, `0.0.0.0:9000` for TCP, a 16 MiB body bound and a 5 s drain.
+    pub fn new(identity: PodIdentity) -> Self {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        Self {
+            http: SocketAddr::new(any, 8080),
+            tcp: SocketAddr::new(any, 9000),
+            identity,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound (or its bound address read).
+    #[error("binding {what} listener on {addr}")]
+    Bind {
+        /// `"http"` or `"tcp"`.
+        what: &'static str,
+        /// The requested address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The JSON body the server answers with: what it saw of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Echo {
+    /// The serving pod's name.
+    pub pod: String,
+    /// The serving pod's namespace (may be empty).
+    pub namespace: String,
+    /// The request method.
+    pub method: String,
+    /// The path and query.
+    pub path: String,
+    /// `"HTTP/1.1"`, `"HTTP/1.0"` or `"HTTP/2.0"`.
+    pub proto: String,
+    /// The `Host` header, or the HTTP/2 `:authority`.
+    pub host: String,
+    /// Request headers, lowercase names; repeated headers joined with `", "`.
+    pub headers: BTreeMap<String, String>,
+    /// The peer address of the TCP connection the request came on.
+    pub source: SocketAddr,
+    /// The local address of that connection (the destination the client reached).
+    pub local: SocketAddr,
+    /// The request body's length in bytes.
+    pub body_bytes: u64,
+}
+
+/// The bound listeners, ready to [`run`](Server::run).
+#[derive(Debug)]
+pub struct Server {
+    http: TcpListener,
+    tcp: TcpListener,
+    http_addr: SocketAddr,
+    tcp_addr: SocketAddr,
+    config: ServeConfig,
+}
+
+/// Binds both listeners (so port 0 is resolved) without serving yet.
+pub async fn bind(config: ServeConfig) -> Result<Server, ServeError> {
+    let (http, http_addr) = listen("http", config.http).await?;
+    let (tcp, tcp_addr) = listen("tcp", config.tcp).await?;
+    Ok(Server {
+        http,
+        tcp,
+        http_addr,
+        tcp_addr,
+        config,
+    })
+}
+
+/// Binds and runs the server until `shutdown` resolves and the drain finishes.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    bind(config).await?.run(shutdown).await;
+    Ok(())
+}
+
+async fn listen(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
+/// Per-server state every connection shares.
+#[derive(Debug)]
+struct Shared {
+    identity: PodIdentity,
+    max_body_bytes: usize,
+}
+
+// === impl Server ===
+
+impl Server {
+    /// The bound HTTP address (with the real port when port 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The bound TCP echo address (with the real port when port 0 was asked for).
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight HTTP requests
+    /// finish (idle connections close at once) and TCP echo connections continue for up to
+    /// [`ServeConfig::drain_timeout`], and closes whatever is left.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            http, tcp, config, ..
+        } = self;
+        let shared = Arc::new(Shared {
+            identity: config.identity,
+            max_body_bytes: config.max_body_bytes,
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = http.accept() => match accepted {
+                    Ok((stream, source)) => {
+                        conns.spawn(serve_http(
+                            stream,
+                            source,
+                            shared.clone(),
+                            builder.clone(),
+                            drain_rx.clone(),
+                        ));
+                    }
+                    Err(error) => accept_failed("http", &error).await,
+                },
+                accepted = tcp.accept() => match accepted {
+                    Ok((stream, source)) => {
+                        conns.spawn(serve_tcp(stream, source, shared.clone()));
+                    }
+                    Err(error) => accept_failed("tcp", &error).await,
+                },
+                Some(joined) = conns.join_next(), if !conns.is_empty() => reaped(joined),
+            }
+        }
+        drop((http, tcp));
+        let _ = drain_tx.send(true);
+        let in_flight = conns.len();
+        tracing::info!(in_flight, "shutting down");
+        let drained = tokio::time::timeout(config.drain_timeout, async {
+            while let Some(joined) = conns.join_next().await {
+                reaped(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                remaining = conns.len(),
+                "drain timeout passed, closing remaining connections"
+            );
+            conns.shutdown().await;
+        }
+    }
+}
+
+/// Logs an accept error and pauses briefly so a persistent one (e.g. out of file descriptors)
+/// does not spin.
+async fn accept_failed(what: &str, error: &io::Error) {
+    tracing::warn!(listener = what, %error, "accepting connection");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn reaped(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined
+        && error.is_panic() {
+            tracing::error!(%error, "connection task panicked");
+        }
+}
+
+// === HTTP ===
+
+async fn serve_http(
+    stream: TcpStream,
+    source: SocketAddr,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut drain: watch::Receiver<bool>,
+) {
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(error) => {
+            tracing::debug!(%source, %error, "reading local address");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(request, source, local, &shared).await) }
+    });
+    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%source, error = %crate::echo::error_message(&*error), "http connection");
+                }
+                return;
+            }
+            _ = drain.wait_for(|draining| *draining), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    source: SocketAddr,
+    local: SocketAddr,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let method = request.method().clone();
+    let path = request.uri().path_and_query().map_or_else(
+        || request.uri().path().to_owned(),
+        |pq| pq.as_str().to_owned(),
+    );
+    let response = respond(request, source, local, shared).await;
+    tracing::info!(%method, path, %source, status = response.status().as_u16(), "request");
+    response
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    source: SocketAddr,
+    local: SocketAddr,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let route = request.uri().path();
+    if route == "/healthz" {
+        return text(StatusCode::OK, "ok");
+    }
+    let mut status = StatusCode::OK;
+    if let Some(code) = route.strip_prefix("/status/") {
+        match segment(code)
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (200..=599).contains(c))
+        {
+            Some(code) => status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+            None => return text(StatusCode::BAD_REQUEST, "status code must be 200..=599"),
+        }
+    }
+    if let Some(ms) = route.strip_prefix("/delay/") {
+        match segment(ms).parse::<u64>() {
+            Ok(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Err(_) => return text(StatusCode::BAD_REQUEST, "delay must be milliseconds"),
+        }
+    }
+
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > shared.max_body_bytes as u64) {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    }
+    let (parts, body) = request.into_parts();
+    let body_bytes = match Limited::new(body, shared.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes().len() as u64,
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            return text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        Err(_) => return text(StatusCode::BAD_REQUEST, "reading request body failed"),
+    };
+
+    let mut headers = BTreeMap::<String, String>::new();
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| headers.get(HOST.as_str()).cloned())
+        .unwrap_or_default();
+    let echo = Echo {
+        pod: shared.identity.pod.clone(),
+        namespace: shared.identity.namespace.clone(),
+        method: parts.method.as_str().to_owned(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        proto: format!("{:?}", parts.version),
+        host,
+        headers,
+        source,
+        local,
+        body_bytes,
+    };
+    match serde_json::to_vec(&echo) {
+        Ok(mut json) => {
+            json.push(b'\n');
+            let mut response = Response::new(Full::new(Bytes::from(json)));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding response failed",
+        ),
+    }
+}
+
+/// The first path segment of `rest`.
+fn segment(rest: &str) -> &str {
+    rest.split('/').next().unwrap_or(rest)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+// === TCP echo ===
+
+async fn serve_tcp(mut stream: TcpStream, source: SocketAddr, shared: Arc<Shared>) {
+    match echo_tcp(&mut stream, source, &shared).await {
+        Ok(echoed) => tracing::info!(%source, echoed, "tcp connection"),
+        Err(error) => tracing::info!(%source, %error, "tcp connection failed"),
+    }
+}
+
+/// Greets, echoes until the peer's EOF, then half-closes; returns the bytes echoed.
+async fn echo_tcp(stream: &mut TcpStream, source: SocketAddr, shared: &Shared) -> io::Result<u64> {
+    let _ = stream.set_nodelay(true);
+    let greeting = format!("{} {source}\n", shared.identity.pod);
+    stream.write_all(greeting.as_bytes()).await?;
+    let (mut read, mut write) = stream.split();
+    let echoed = tokio::io::copy(&mut read, &mut write).await?;
+    write.shutdown().await?;
+    Ok(echoed)
+}

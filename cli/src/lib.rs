@@ -1,0 +1,7 @@
+//! The `weft` CLI's library: the local cluster ([`cluster`]) and the `weft-echo` test
+//! application ([`echo`]).
+//!
+//! Does not own any mesh component; it runs them.
+
+pub mod cluster;
+pub mod echo;

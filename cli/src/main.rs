@@ -1,0 +1,410 @@
+//! `weft`: the Weft command-line tool.
+#![allow(clippy::print_stdout)] // a CLI's job is to print
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use weft::cluster::{self, Cluster, Object, Options, Outcome};
+
+/// Weft: an ambient service mesh.
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The local cluster: a sealed one-machine Kubernetes stand-in (needs root).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Target {
+    /// Cluster name.
+    #[arg(long, global = true, default_value = "weft", env = "WEFT_CLUSTER")]
+    name: String,
+    /// State directory (default /var/run/weft/clusters/<name>).
+    #[arg(long, global = true, env = "WEFT_CLUSTER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Create the cluster network and start the runner.
+    Up {
+        #[command(flatten)]
+        target: Target,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+        /// Directory holding the CNI plugins.
+        #[arg(long, default_value = cluster::layout::DEFAULT_CNI_BIN_DIR)]
+        cni_bin_dir: PathBuf,
+    },
+    /// Stop everything and remove every namespace, rule, process and file of the cluster.
+    Down {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Create or update objects from a file or directory of manifests.
+    Apply {
+        #[command(flatten)]
+        target: Target,
+        /// Manifest file or directory (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Delete the objects named in a file or directory of manifests.
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        /// Manifest file or directory (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// List objects: pods, services, gateways, deployments, endpointslices, namespaces, nodes.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// What to list.
+        kind: String,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format: table, yaml or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Set (`KEY=VALUE`) or remove (`KEY-`) a label on a namespace.
+    Label {
+        #[command(flatten)]
+        target: Target,
+        /// Only `namespace` is supported.
+        kind: String,
+        /// Namespace name.
+        object: String,
+        /// `KEY=VALUE` or `KEY-`.
+        label: String,
+    },
+    /// Run a command inside a pod's network namespace: `exec NS/POD -- CMD ARGS…`.
+    Exec {
+        #[command(flatten)]
+        target: Target,
+        /// `namespace/pod`.
+        pod: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a pod container's log.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// `namespace/pod`.
+        pod: String,
+        /// Container (default: the first).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+    },
+    /// The cluster's runner daemon (started by `up`).
+    #[command(hide = true)]
+    Runner {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn split_pod(pod: &str) -> anyhow::Result<(&str, &str)> {
+    pod.split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .with_context(|| format!("{pod:?} is not NAMESPACE/POD"))
+}
+
+fn read_manifests(file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        Ok(cluster::manifest::parse(&text, "-")?)
+    } else {
+        Ok(cluster::manifest::read_path(file)?)
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Command::Cluster { command } = cli.command;
+    if !cluster::is_root() {
+        bail!(cluster::Error::NotRoot);
+    }
+    match command {
+        ClusterCommand::Up {
+            target,
+            nodes,
+            cni_bin_dir,
+        } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter("warn")
+                .init();
+            let mut options = Options::new(&target.name);
+            options.nodes = nodes;
+            options.state_dir = target.state_dir;
+            options.plugin_dirs = vec![cni_bin_dir];
+            let cluster = Cluster::up(&options)?;
+            println!(
+                "cluster {} is up: {} nodes, state in {}",
+                target.name,
+                nodes,
+                cluster.layout().state_dir().display()
+            );
+        }
+        ClusterCommand::Down { target } => {
+            if Cluster::down(&target.name, target.state_dir.as_deref())? {
+                println!("cluster {} removed", target.name);
+            } else {
+                println!("cluster {} not found: nothing to remove", target.name);
+            }
+        }
+        ClusterCommand::Apply { target, file } => {
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            for (key, outcome) in cluster.apply(&read_manifests(&file)?)? {
+                let verb = match outcome {
+                    Outcome::Created => "created",
+                    Outcome::Configured => "configured",
+                    Outcome::Unchanged => "unchanged",
+                };
+                println!("{key} {verb}");
+            }
+        }
+        ClusterCommand::Delete { target, file } => {
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let keys: Vec<_> = read_manifests(&file)?.iter().map(Object::key).collect();
+            for (key, existed) in cluster.store().delete(&keys)? {
+                println!("{key} {}", if existed { "deleted" } else { "not found" });
+            }
+        }
+        ClusterCommand::Get {
+            target,
+            kind,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            print_objects(&cluster, &kind, ns, &output)?;
+        }
+        ClusterCommand::Label {
+            target,
+            kind,
+            object,
+            label,
+        } => {
+            if !matches!(kind.as_str(), "namespace" | "namespaces" | "ns") {
+                bail!("only namespaces can be labelled, not {kind:?}");
+            }
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            if let Some(key) = label.strip_suffix('-') {
+                cluster.label_namespace(&object, key, None)?;
+                println!("namespace/{object} unlabeled");
+            } else {
+                let (key, value) = label
+                    .split_once('=')
+                    .with_context(|| format!("{label:?} is neither KEY=VALUE nor KEY-"))?;
+                cluster.label_namespace(&object, key, Some(value))?;
+                println!("namespace/{object} labeled");
+            }
+        }
+        ClusterCommand::Exec {
+            target,
+            pod,
+            command,
+        } => {
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let (ns, name) = split_pod(&pod)?;
+            let argv: Vec<&str> = command.iter().map(String::as_str).collect();
+            let status = cluster.exec_command(ns, name, &argv)?.status()?;
+            return Ok(ExitCode::from(
+                u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+            ));
+        }
+        ClusterCommand::Logs {
+            target,
+            pod,
+            container,
+        } => {
+            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let (ns, name) = split_pod(&pod)?;
+            print!("{}", cluster.logs(ns, name, container.as_deref())?);
+        }
+        ClusterCommand::Runner { target } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter("info")
+                .init();
+            cluster::run_runner(&target.name, target.state_dir.as_deref())?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_of(kind: &str) -> anyhow::Result<(&'static str, &'static str)> {
+    Ok(match kind.to_ascii_lowercase().as_str() {
+        "pods" | "pod" | "po" => ("", "Pod"),
+        "services" | "service" | "svc" => ("", "Service"),
+        "gateways" | "gateway" | "gtw" => ("gateway.networking.k8s.io", "Gateway"),
+        "deployments" | "deployment" | "deploy" => ("apps", "Deployment"),
+        "endpointslices" | "endpointslice" => ("discovery.k8s.io", "EndpointSlice"),
+        "namespaces" | "namespace" | "ns" => ("", "Namespace"),
+        "nodes" | "node" => ("", "Node"),
+        "serviceaccounts" | "serviceaccount" | "sa" => ("", "ServiceAccount"),
+        "authorizationpolicies" | "authorizationpolicy" => {
+            ("security.istio.io", "AuthorizationPolicy")
+        }
+        "peerauthentications" | "peerauthentication" => ("security.istio.io", "PeerAuthentication"),
+        "httproutes" | "httproute" => ("gateway.networking.k8s.io", "HTTPRoute"),
+        other => bail!("unknown kind {other:?}"),
+    })
+}
+
+fn print_objects(
+    cluster: &Cluster,
+    kind: &str,
+    namespace: Option<&str>,
+    output: &str,
+) -> anyhow::Result<()> {
+    let (group, kind_name) = kind_of(kind)?;
+    let objects: Vec<Object> = cluster
+        .store()
+        .list(group, kind_name)?
+        .into_iter()
+        .filter(|o| namespace.is_none_or(|ns| o.namespace().is_none_or(|n| n == ns)))
+        .collect();
+    match output {
+        "json" => {
+            let items: Vec<&serde_json::Value> = objects.iter().map(|o| &o.0).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"kind": "List", "items": items}))?
+            );
+            return Ok(());
+        }
+        "yaml" => {
+            for object in &objects {
+                println!("---\n{}", serde_yaml::to_string(&object.0)?.trim_end());
+            }
+            return Ok(());
+        }
+        "table" => {}
+        other => bail!("unknown output format {other:?} (table, yaml or json)"),
+    }
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("<none>").to_owned();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let header: Vec<&str> = match kind_name {
+        "Pod" => vec!["NAMESPACE", "NAME", "READY", "STATUS", "IP", "NODE"],
+        "Service" => vec!["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORTS"],
+        "Gateway" => vec!["NAMESPACE", "NAME", "CLASS", "ADDRESS", "PROGRAMMED"],
+        _ => vec!["NAMESPACE", "NAME"],
+    };
+    for o in &objects {
+        let v = &o.0;
+        let ns = o.namespace().unwrap_or("").to_owned();
+        let name = o.name().to_owned();
+        rows.push(match kind_name {
+            "Pod" => {
+                let statuses = v["status"]["containerStatuses"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let ready = statuses.iter().filter(|s| s["ready"] == true).count();
+                let total = v["spec"]["containers"].as_array().map_or(0, Vec::len);
+                vec![
+                    ns,
+                    name,
+                    format!("{ready}/{total}"),
+                    v["status"]["phase"]
+                        .as_str()
+                        .unwrap_or("Pending")
+                        .to_owned(),
+                    text(&v["status"]["podIP"]),
+                    text(&v["spec"]["nodeName"]),
+                ]
+            }
+            "Service" => {
+                let ports: Vec<String> = v["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP")))
+                    .collect();
+                vec![
+                    ns,
+                    name,
+                    text(&v["spec"]["type"]),
+                    text(&v["spec"]["clusterIP"]),
+                    ports.join(","),
+                ]
+            }
+            "Gateway" => {
+                let programmed = v["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c["type"] == "Programmed")
+                    .map_or("Unknown".to_owned(), |c| text(&c["status"]));
+                vec![
+                    ns,
+                    name,
+                    text(&v["spec"]["gatewayClassName"]),
+                    text(&v["status"]["addresses"][0]["value"]),
+                    programmed,
+                ]
+            }
+            _ => vec![ns, name],
+        });
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_owned()
+    };
+    println!("{}", line(header.iter().map(|h| (*h).to_owned()).collect()));
+    for row in rows {
+        println!("{}", line(row));
+    }
+    Ok(())
+}
