@@ -296,12 +296,13 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         ));
     }
     if let Some(ns) = object.namespace()
-        && !is_dns_label(ns) {
-            return Err((
-                Some("metadata.namespace".into()),
-                format!("{ns:?} is not a lowercase DNS-1123 label"),
-            ));
-        }
+        && !is_dns_label(ns)
+    {
+        return Err((
+            Some("metadata.namespace".into()),
+            format!("{ns:?} is not a lowercase DNS-1123 label"),
+        ));
+    }
     match (object.api_version(), object.kind()) {
         ("v1", "Namespace") => typed::<core::Namespace>(object).map(drop),
         ("v1", "ServiceAccount") => typed::<core::ServiceAccount>(object).map(drop),

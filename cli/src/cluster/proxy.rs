@@ -174,7 +174,10 @@ mod tests {
             ],
         };
         let stale = chain_name("WEFT-SVC", "a/gone:http");
-        let text = rules(std::slice::from_ref(&svc), &[stale.clone(), "WEFT-SERVICES".into()]);
+        let text = rules(
+            std::slice::from_ref(&svc),
+            &[stale.clone(), "WEFT-SERVICES".into()],
+        );
         assert!(text.starts_with("*nat\n:WEFT-SERVICES - [0:0]\n"));
         assert!(text.contains("-d 10.96.0.10/32 -p tcp -m tcp --dport 80"));
         assert!(text.contains("--probability 0.3333333333"));

@@ -272,9 +272,10 @@ impl Runner {
         // Garbage collection: pods whose Deployment is gone.
         for pod in &pods {
             if let Some(owner) = owner_uid(&pod.0, "Deployment")
-                && !live_owners.contains(&owner) {
-                    self.delete_object(&pod.key())?;
-                }
+                && !live_owners.contains(&owner)
+            {
+                self.delete_object(&pod.key())?;
+            }
         }
         Ok(())
     }
@@ -379,10 +380,11 @@ impl Runner {
         // Bind: record the node in the stored spec, as the scheduler does.
         let key = object.key();
         if let Ok(_lock) = self.store.lock()
-            && let Ok(Some(mut current)) = self.store.get(&key) {
-                current.0["spec"]["nodeName"] = json!(layout::node_name(node));
-                let _ = self.store.put(&current);
-            }
+            && let Ok(Some(mut current)) = self.store.get(&key)
+        {
+            current.0["spec"]["nodeName"] = json!(layout::node_name(node));
+            let _ = self.store.put(&current);
+        }
         Ok(node)
     }
 
@@ -633,12 +635,13 @@ impl Runner {
                 for container in &mut runtime.containers {
                     if container.exit.is_none()
                         && let Some(child) = container.child.as_mut()
-                            && let Ok(Some(status)) = child.try_wait() {
-                                info!(pod = %runtime.key, container = %container.name, %status, "container exited");
-                                container.exit = Some(status);
-                                container.finished_at = Some(store::timestamp());
-                                container.ready = false;
-                            }
+                        && let Ok(Some(status)) = child.try_wait()
+                    {
+                        info!(pod = %runtime.key, container = %container.name, %status, "container exited");
+                        container.exit = Some(status);
+                        container.finished_at = Some(store::timestamp());
+                        container.ready = false;
+                    }
                     if container.exit.is_some() {
                         continue;
                     }
@@ -686,15 +689,17 @@ impl Runner {
     }
 
     fn teardown_network(&self, runtime: &PodRuntime) {
-        if runtime.node != 0 && netns::exists(&runtime.netns)
+        if runtime.node != 0
+            && netns::exists(&runtime.netns)
             && let Ok(list) = cni::read_conflist(&self.conflist_path(runtime.node))
-                && let Err(err) = cni::del(
-                    &list,
-                    &self.invocation(runtime),
-                    runtime.cni_result.as_ref(),
-                ) {
-                    warn!(pod = %runtime.key, error = %err, "cni del failed");
-                }
+            && let Err(err) = cni::del(
+                &list,
+                &self.invocation(runtime),
+                runtime.cni_result.as_ref(),
+            )
+        {
+            warn!(pod = %runtime.key, error = %err, "cni del failed");
+        }
         if let Err(err) = netns::delete(&runtime.netns) {
             warn!(pod = %runtime.key, error = %err, "deleting pod netns failed");
         }

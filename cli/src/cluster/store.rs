@@ -169,9 +169,10 @@ impl Store {
         for ns_dir in sorted_entries(&kind_dir)? {
             for file in sorted_entries(&ns_dir)? {
                 if file.extension().is_some_and(|e| e == "yaml")
-                    && let Some(object) = read_object(&file)? {
-                        objects.push(object);
-                    }
+                    && let Some(object) = read_object(&file)?
+                {
+                    objects.push(object);
+                }
             }
         }
         Ok(objects)
@@ -287,9 +288,10 @@ impl Store {
                 }
             }
             if merged.0["metadata"]["namespace"].is_null()
-                && let Some(ns) = key.namespace.as_deref() {
-                    merged.0["metadata"]["namespace"] = json!(ns);
-                }
+                && let Some(ns) = key.namespace.as_deref()
+            {
+                merged.0["metadata"]["namespace"] = json!(ns);
+            }
             if object.kind() == "Service" && object.api_version() == "v1" {
                 self.assign_cluster_ip(&key, &mut merged, existing.as_ref(), &mut ips)?;
             }
@@ -342,9 +344,11 @@ impl Store {
         let mut ips = BTreeMap::new();
         for service in self.list("", "Service")? {
             if let Some(ip) = service.0["spec"]["clusterIP"].as_str()
-                && ip != "None" && !ip.is_empty() {
-                    ips.insert(ip.to_owned(), service.key());
-                }
+                && ip != "None"
+                && !ip.is_empty()
+            {
+                ips.insert(ip.to_owned(), service.key());
+            }
         }
         Ok(ips)
     }

@@ -188,10 +188,11 @@ struct ErrorLine {
 }
 
 impl Exchange {
-    /// The JSON line (without newline) `weft-echo client` prints: `{"seq", "status", "latency_ms", "pod",
-    /// "namespace", "source", "proto", "body"}` — `pod`, `namespace`, `source` and `proto` are
-    /// the server's view from its [`Echo`] body (`null` when absent; `proto` falls back to the
-    /// client's) — or `{"seq", "error"}`.
+    /// The JSON line (without newline) `weft-echo client` prints: `{"seq", "status",
+    /// "latency_ms", "pod", "namespace", "source", "proto", "body"}` — `latency_ms` rounded to
+    /// microseconds; `pod`, `namespace`, `source` and `proto` are the server's view from its
+    /// [`Echo`] body (`null` when absent; `proto` falls back to the client's) — or
+    /// `{"seq", "error"}` with the error and its causes.
     ///
     /// [`Echo`]: super::Echo
     pub fn to_json(&self) -> String {

@@ -22,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::error_message;
+
 /// The default bound on a request body the server reads: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 
@@ -260,9 +262,10 @@ async fn accept_failed(what: &str, error: &io::Error) {
 
 fn reaped(joined: Result<(), tokio::task::JoinError>) {
     if let Err(error) = joined
-        && error.is_panic() {
-            tracing::error!(%error, "connection task panicked");
-        }
+        && error.is_panic()
+    {
+        tracing::error!(%error, "connection task panicked");
+    }
 }
 
 // === HTTP ===
@@ -292,7 +295,8 @@ async fn serve_http(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(%source, error = %crate::echo::error_message(&*error), "http connection");
+                    let error = error_message(&*error);
+                    tracing::debug!(%source, error, "http connection");
                 }
                 return;
             }

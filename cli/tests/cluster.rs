@@ -1,0 +1,614 @@
+//! The local cluster end to end: real network namespaces, Debian's CNI plugins, iptables, and the
+//! weft-echo app. Needs root (CI runs as root); elsewhere each test prints why it skips.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft::cluster::{self, Cluster, Object, ObjectKey, Options};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+const READY: Duration = Duration::from_secs(30);
+
+fn root_or_skip(test: &str) -> bool {
+    if cluster::is_root() {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: the local cluster needs root (network namespaces); CI runs it as root"
+    );
+    false
+}
+
+/// A cluster torn down when the test ends, even on panic.
+struct TestCluster(Cluster);
+
+impl TestCluster {
+    fn up(name: &str, nodes: u8) -> Self {
+        let _ = Cluster::down(name, None);
+        let mut options = Options::new(name);
+        options.nodes = nodes;
+        options.weft_exe = Some(WEFT.into());
+        TestCluster(Cluster::up(&options).expect("cluster up"))
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = Cluster::down(self.0.layout().name(), None);
+    }
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+fn echo_manifests(replicas: u32) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: b}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo, namespace: a}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: echo}}}}
+  template:
+    metadata: {{labels: {{app: echo}}}}
+    spec:
+      containers:
+      - name: echo
+        command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
+        env:
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        - name: POD_NAMESPACE
+          valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}
+        ports:
+        - {{name: http, containerPort: 8080}}
+        - {{name: tcp, containerPort: 9000}}
+        readinessProbe: {{httpGet: {{path: /healthz, port: http}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: a}}
+spec:
+  selector: {{app: echo}}
+  ports:
+  - {{name: http, port: 80, targetPort: http}}
+  - {{name: tcp, port: 9000, targetPort: tcp}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: b}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, infinity]
+"#
+    )
+}
+
+/// Runs `weft-echo client` in a pod and returns the parsed JSON lines. Each of the `count`
+/// requests runs on its own connection (concurrency = count), so a service VIP load-balances
+/// them.
+fn echo_client(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> Vec<Value> {
+    let count = count.to_string();
+    let out = cluster
+        .exec(
+            ns,
+            pod,
+            &[
+                "weft-echo",
+                "client",
+                url,
+                "--count",
+                &count,
+                "--concurrency",
+                &count,
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .expect("exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn ip_of(pod: &Object) -> String {
+    pod.0["status"]["podIP"]
+        .as_str()
+        .expect("pod ip")
+        .to_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn slice_addresses(cluster: &Cluster, ns: &str, service: &str) -> BTreeSet<String> {
+    cluster
+        .store()
+        .list("discovery.k8s.io", "EndpointSlice")
+        .unwrap()
+        .into_iter()
+        .filter(|s| {
+            s.namespace() == Some(ns)
+                && s.0["metadata"]["labels"]["kubernetes.io/service-name"] == service
+        })
+        .flat_map(|s| s.0["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["conditions"]["ready"] == true)
+        .filter_map(|e| e["addresses"][0].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn nat_rules(cluster: &Cluster, node: u8) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cluster.layout().node_netns(node),
+            "iptables-save",
+            "-t",
+            "nat",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn pods_reach_services_and_pods_across_nodes() {
+    if !root_or_skip("pods_reach_services_and_pods_across_nodes") {
+        return;
+    }
+    let cluster = TestCluster::up("t-e2e", 2);
+    cluster.apply_yaml(&echo_manifests(2)).unwrap();
+    let servers = cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let clients = cluster.wait_ready("b", &[], 1, READY).unwrap();
+    let client_ip = ip_of(&clients[0]);
+    let nodes: BTreeSet<&str> = servers
+        .iter()
+        .map(|p| p.0["spec"]["nodeName"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
+
+    // Endpoints propagate like in Kubernetes: ready pods → EndpointSlice → node rules.
+    let ips: BTreeSet<String> = servers.iter().map(ip_of).collect();
+    wait_until("two endpoints", READY, || {
+        slice_addresses(&cluster, "a", "echo") == ips
+    });
+    wait_until("DNAT rules on both nodes", READY, || {
+        ips.iter()
+            .all(|ip| (1..=2).all(|n| nat_rules(&cluster, n).contains(&format!("{ip}:8080"))))
+    });
+
+    // Through the VIP: both replicas answer, and they see the client's pod IP.
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let vip = svc.0["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    assert!(vip.starts_with("10.96."), "{vip}");
+    let lines = echo_client(&cluster, "b", "client", &format!("http://{vip}/hello"), 50);
+    assert_eq!(lines.len(), 50);
+    let seen: BTreeSet<String> = lines
+        .iter()
+        .map(|l| l["pod"].as_str().unwrap().to_owned())
+        .collect();
+    let names: BTreeSet<String> = servers.iter().map(|p| p.name().to_owned()).collect();
+    assert_eq!(seen, names, "both replicas answered through the VIP");
+    for line in &lines {
+        assert_eq!(line["status"], 200);
+        let source = line["source"].as_str().unwrap();
+        assert!(
+            source.starts_with(&format!("{client_ip}:")),
+            "server saw {source}, client is {client_ip}"
+        );
+    }
+
+    // By pod IP, to the replica on the other node.
+    let client_node = clients[0].0["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let remote = servers
+        .iter()
+        .find(|p| p.0["spec"]["nodeName"] != client_node.as_str())
+        .expect("a replica on the other node");
+    let lines = echo_client(
+        &cluster,
+        "b",
+        "client",
+        &format!("http://{}:8080/", ip_of(remote)),
+        3,
+    );
+    for line in &lines {
+        assert_eq!(line["pod"], remote.name());
+        assert!(
+            line["source"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{client_ip}:"))
+        );
+    }
+
+    // Kubernetes-style service environment and the downward API reached the container.
+    let pids = weft::cluster::netns::pids(&cluster.layout().pod_netns(remote.uid().unwrap()));
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    let environ: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(
+        environ.contains(&format!("POD_NAME={}", remote.name())),
+        "{environ:?}"
+    );
+    assert!(
+        environ.contains(&"POD_NAMESPACE=a".to_owned()),
+        "{environ:?}"
+    );
+    assert!(
+        environ.contains(&format!("ECHO_SERVICE_HOST={vip}")),
+        "{environ:?}"
+    );
+    assert!(
+        environ.contains(&"ECHO_SERVICE_PORT_TCP=9000".to_owned()),
+        "{environ:?}"
+    );
+    let logs = cluster.logs("a", remote.name(), None).unwrap();
+    assert!(logs.contains("listening"), "server log: {logs}");
+
+    // Scale 2 → 3: a pod and an endpoint appear.
+    cluster.apply_yaml(&echo_manifests(3)).unwrap();
+    let servers = cluster
+        .wait_ready("a", &[("app", "echo")], 3, READY)
+        .unwrap();
+    let ips: BTreeSet<String> = servers.iter().map(ip_of).collect();
+    wait_until("three endpoints", READY, || {
+        slice_addresses(&cluster, "a", "echo") == ips
+    });
+    wait_until("three DNAT targets", READY, || {
+        nat_rules(&cluster, 1).matches("--to-destination").count() == 6
+    });
+
+    // Killing a server process: the pod turns not ready and leaves the endpoints.
+    let victim = servers[0].clone();
+    let pids = weft::cluster::netns::pids(&cluster.layout().pod_netns(victim.uid().unwrap()));
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_until("victim not ready", READY, || {
+        !cluster::pod_ready(&cluster.pod("a", victim.name()).unwrap())
+    });
+    wait_until("victim out of endpoints", READY, || {
+        !slice_addresses(&cluster, "a", "echo").contains(&ip_of(&victim))
+    });
+    wait_until("victim out of DNAT rules", READY, || {
+        !nat_rules(&cluster, 2).contains(&format!("{}:8080", ip_of(&victim)))
+    });
+
+    // Deleting the Service removes its DNAT rules on every node.
+    assert!(nat_rules(&cluster, 1).contains(&vip));
+    cluster
+        .delete_yaml("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: a}\nspec: {ports: [{port: 80}]}\n")
+        .unwrap();
+    wait_until("service rules gone", READY, || {
+        !nat_rules(&cluster, 1).contains(&vip) && !nat_rules(&cluster, 2).contains(&vip)
+    });
+}
+
+/// What the host namespace looks like to the network stack, with counters stripped.
+fn host_snapshot() -> String {
+    let mut out = String::new();
+    let commands: &[&[&str]] = &[
+        &["ip", "-o", "link", "show"],
+        &["ip", "-o", "addr", "show"],
+        &["ip", "route", "show", "table", "all"],
+        &["ip", "-6", "route", "show", "table", "all"],
+        &["ip", "rule", "show"],
+        &["iptables-save"],
+        &["ip6tables-save"],
+        &["nft", "list", "ruleset"],
+    ];
+    for argv in commands {
+        let result = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
+        out.push_str(&format!("$ {}\n", argv.join(" ")));
+        for line in String::from_utf8_lossy(&result.stdout).lines() {
+            if line.starts_with('#') {
+                continue; // iptables-save timestamps
+            }
+            let line = strip_counters(line);
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn strip_counters(line: &str) -> String {
+    // `[packets:bytes]` in iptables-save and `counter packets N bytes M` in nft.
+    let mut text = line.to_owned();
+    if let (Some(open), Some(close)) = (text.rfind('['), text.rfind(']')) {
+        if close > open
+            && text[open + 1..close]
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == ':')
+        {
+            text.replace_range(open..=close, "[]");
+        }
+    }
+    if let Some(at) = text.find("counter packets") {
+        text.truncate(at);
+    }
+    text
+}
+
+fn in_cluster_ranges(dst: &str) -> bool {
+    if dst == "default" {
+        return false;
+    }
+    let (addr, len) = dst.split_once('/').unwrap_or((dst, "128"));
+    if let Ok(v6) = addr.parse::<std::net::Ipv6Addr>() {
+        let first = v6.segments()[0];
+        return v6.is_loopback() || first & 0xffc0 == 0xfe80 || first & 0xff00 == 0xff00;
+    }
+    let Ok(ip) = addr.parse::<std::net::Ipv4Addr>() else {
+        return false;
+    };
+    let len: u8 = len.parse().unwrap_or(32);
+    let within = |net: (std::net::Ipv4Addr, u8)| len >= net.1 && cluster::layout::contains(net, ip);
+    ip.is_loopback()
+        || within(cluster::layout::NODE_NETWORK)
+        || within(cluster::layout::POD_NETWORK)
+        || within(cluster::layout::SERVICE_NETWORK)
+}
+
+#[test]
+fn the_network_is_sealed() {
+    if !root_or_skip("the_network_is_sealed") {
+        return;
+    }
+    let before = host_snapshot();
+    let cluster = TestCluster::up("t-seal", 2);
+    cluster.apply_yaml(&echo_manifests(2)).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    cluster.wait_ready("b", &[], 1, READY).unwrap();
+    assert_eq!(
+        before,
+        host_snapshot(),
+        "host network changed while the cluster runs"
+    );
+
+    let namespaces = weft::cluster::network::namespaces(cluster.layout());
+    assert!(
+        namespaces.len() >= 7,
+        "net, cp, 2 nodes, 3 pods: {namespaces:?}"
+    );
+    for ns in &namespaces {
+        for family in ["-4", "-6"] {
+            let out = Command::new("ip")
+                .args(["-n", ns, family, "-j", "route", "show", "table", "all"])
+                .output()
+                .unwrap();
+            let routes: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for route in routes {
+                let dst = route["dst"].as_str().unwrap_or("default");
+                assert!(
+                    in_cluster_ranges(dst),
+                    "netns {ns} has a route to {dst}: {route}"
+                );
+            }
+        }
+    }
+
+    let name = cluster.layout().name().to_owned();
+    drop(cluster);
+    assert_eq!(before, host_snapshot(), "host network changed after down");
+    assert!(
+        weft::cluster::network::namespaces(&cluster::Layout::new(&name, None).unwrap()).is_empty()
+    );
+}
+
+fn leftovers(name: &str) -> Vec<String> {
+    let layout = cluster::Layout::new(name, None).unwrap();
+    let mut found: Vec<String> = weft::cluster::network::namespaces(&layout);
+    if layout.state_dir().exists() {
+        found.push(format!("state dir {}", layout.state_dir().display()));
+    }
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(&layout.netns_prefix())
+            || text.contains(&format!("--name {name} "))
+            || text.ends_with(&format!("--name {name}"))
+        {
+            if !text.contains("cluster down") {
+                found.push(format!(
+                    "process {}: {text}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn down_removes_everything_even_after_a_killed_up() {
+    if !root_or_skip("down_removes_everything_even_after_a_killed_up") {
+        return;
+    }
+    let cluster = TestCluster::up("t-down", 2);
+    cluster.apply_yaml(&echo_manifests(2)).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    // `up` on an existing cluster says so.
+    let again = Command::new(WEFT)
+        .args(["cluster", "up", "--name", "t-down"])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let down = Command::new(WEFT)
+        .args(["cluster", "down", "--name", "t-down"])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(leftovers("t-down"), Vec::<String>::new());
+    drop(cluster);
+
+    // Kill `up` midway (once it has made some namespaces), then clean up.
+    let _ = Cluster::down("t-kill", None);
+    let mut up = Command::new(WEFT)
+        .args(["cluster", "up", "--name", "t-kill", "--nodes", "3"])
+        .spawn()
+        .unwrap();
+    let layout = cluster::Layout::new("t-kill", None).unwrap();
+    wait_until("up made a node namespace", Duration::from_secs(20), || {
+        weft::cluster::netns::exists(&layout.node_netns(1))
+    });
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert!(
+        !leftovers("t-kill").is_empty(),
+        "the killed up left something to clean"
+    );
+    let down = Command::new(WEFT)
+        .args(["cluster", "down", "--name", "t-kill"])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(leftovers("t-kill"), Vec::<String>::new());
+}
+
+#[test]
+fn malformed_manifests_are_rejected_precisely_and_change_nothing() {
+    if !root_or_skip("malformed_manifests_are_rejected_precisely_and_change_nothing") {
+        return;
+    }
+    let cluster = TestCluster::up("t-bad", 1);
+    let dir = cluster.layout().state_dir().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        (
+            "bad-yaml.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: [unclosed\n",
+            vec!["bad-yaml.yaml", "document 2", "invalid yaml", "line"],
+        ),
+        (
+            "bad-type.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: ok}\nspec:\n  replicas: three\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, command: [weft-echo]}]}\n",
+            vec![
+                "bad-type.yaml",
+                "Deployment ok/web",
+                "spec.replicas",
+                "invalid type",
+            ],
+        ),
+        (
+            "no-ports.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: svc, namespace: ok}\nspec: {selector: {app: web}}\n",
+            vec![
+                "no-ports.yaml",
+                "Service ok/svc",
+                "spec.ports",
+                "at least one port",
+            ],
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        let revision = cluster.store().revision();
+        let out = Command::new(WEFT)
+            .args(["cluster", "apply", "--name", "t-bad", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{file}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        for part in expected {
+            assert!(stderr.contains(part), "{file}: {stderr:?} lacks {part:?}");
+        }
+        assert_eq!(
+            cluster.store().revision(),
+            revision,
+            "{file}: store changed"
+        );
+        assert!(
+            cluster
+                .store()
+                .get(&ObjectKey::new("", "Namespace", None, "ok"))
+                .unwrap()
+                .is_none(),
+            "{file}: the valid namespace in the same file was applied"
+        );
+    }
+    assert!(Path::new(&dir).exists());
+}
+
+#[test]
+fn without_root_cluster_commands_fail_with_one_line() {
+    if !root_or_skip("without_root_cluster_commands_fail_with_one_line") {
+        return;
+    }
+    // Drop to nobody for one command.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            WEFT,
+            "cluster",
+            "get",
+            "pods",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
