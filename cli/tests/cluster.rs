@@ -1,5 +1,6 @@
 //! The local cluster end to end: real network namespaces, Debian's CNI plugins, iptables, and the
 //! weft-echo app. Needs root (CI runs as root); elsewhere each test prints why it skips.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -363,14 +364,13 @@ fn host_snapshot() -> String {
 fn strip_counters(line: &str) -> String {
     // `[packets:bytes]` in iptables-save and `counter packets N bytes M` in nft.
     let mut text = line.to_owned();
-    if let (Some(open), Some(close)) = (text.rfind('['), text.rfind(']')) {
-        if close > open
-            && text[open + 1..close]
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == ':')
-        {
-            text.replace_range(open..=close, "[]");
-        }
+    if let (Some(open), Some(close)) = (text.rfind('['), text.rfind(']'))
+        && close > open
+        && text[open + 1..close]
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ':')
+    {
+        text.replace_range(open..=close, "[]");
     }
     if let Some(at) = text.find("counter packets") {
         text.truncate(at);
@@ -457,16 +457,15 @@ fn leftovers(name: &str) -> Vec<String> {
             continue;
         };
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if text.contains(&layout.netns_prefix())
+        if (text.contains(&layout.netns_prefix())
             || text.contains(&format!("--name {name} "))
-            || text.ends_with(&format!("--name {name}"))
+            || text.ends_with(&format!("--name {name}")))
+            && !text.contains("cluster down")
         {
-            if !text.contains("cluster down") {
-                found.push(format!(
-                    "process {}: {text}",
-                    entry.file_name().to_string_lossy()
-                ));
-            }
+            found.push(format!(
+                "process {}: {text}",
+                entry.file_name().to_string_lossy()
+            ));
         }
     }
     found

@@ -1,4 +1,5 @@
 //! The CA signer, CSR generation and chain parsing, with real certificates.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 mod support;
 

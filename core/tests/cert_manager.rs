@@ -1,4 +1,5 @@
 //! The certificate manager on tokio's paused clock, with real certificates from a real signer.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! HBONE end to end on loopback: real certificates from the CA signer, real TLS 1.3, real HTTP/2.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 mod support;
 

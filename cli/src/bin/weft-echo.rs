@@ -13,6 +13,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use weft::echo;
 
@@ -146,8 +147,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.drain_timeout = Duration::from_millis(args.drain_timeout_ms);
     let identity = config.identity.clone();
     let server = echo::bind(config).await?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    // Both handlers are installed before the startup line, so a signal sent as soon as it is
+    // read is handled.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tracing::info!(
         pod = identity.pod,
         namespace = identity.namespace,
@@ -164,7 +168,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .run(async move {
             tokio::select! {
                 _ = terminate.recv() => tracing::info!("SIGTERM"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                _ = interrupt.recv() => tracing::info!("SIGINT"),
             }
         })
         .await;

@@ -312,7 +312,7 @@ mod tests {
         assert_eq!(Baggage::parse("%%%,==,;;"), Baggage::default());
         assert_eq!(
             Baggage::parse(
-                &Baggage {
+                Baggage {
                     service_name: Some("a,b;c%".into()),
                     ..Default::default()
                 }
