@@ -9,7 +9,6 @@
 
 pub mod cni;
 pub mod layout;
-pub mod manifest;
 pub mod netns;
 pub mod network;
 pub mod proxy;
@@ -27,6 +26,7 @@ use serde_json::json;
 pub use layout::Layout;
 pub use manifest::{Object, ObjectKey};
 pub use store::{Outcome, Store};
+pub use weft_k8s::manifest;
 
 /// Errors of cluster operations.
 #[derive(Debug, thiserror::Error)]

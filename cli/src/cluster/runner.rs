@@ -226,7 +226,9 @@ impl Runner {
                 continue;
             };
             live_owners.insert(uid.clone());
-            let spec = deployment.spec;
+            let Some(spec) = deployment.spec else {
+                continue;
+            };
             let template = object.0["spec"]["template"].clone();
             let hash = template_hash(&template);
             let ns = object.namespace().unwrap_or("default");

@@ -60,6 +60,14 @@ pub enum Error {
         /// The Service holding it.
         owner: Box<ObjectKey>,
     },
+    /// A requested cluster IP is outside the service range.
+    #[error("{key}: spec.clusterIP {ip} is outside the service range 10.96.0.0/16")]
+    ClusterIpOutOfRange {
+        /// The Service asking.
+        key: Box<ObjectKey>,
+        /// The address.
+        ip: String,
+    },
     /// No service VIP is left.
     #[error("{0}: no free cluster IP left in 10.96.0.0/16")]
     ClusterIpExhausted(Box<ObjectKey>),
@@ -369,6 +377,15 @@ impl Store {
             .and_then(|o| o.0["spec"]["clusterIP"].as_str().map(str::to_owned))
             .filter(|ip| !ip.is_empty() && ip != "None");
         let ip = if !requested.is_empty() {
+            let in_range = requested
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| super::layout::contains(super::layout::SERVICE_NETWORK, ip));
+            if !in_range {
+                return Err(Error::ClusterIpOutOfRange {
+                    key: Box::new(key.clone()),
+                    ip: requested,
+                });
+            }
             if let Some(owner) = ips.get(&requested).filter(|owner| *owner != key) {
                 return Err(Error::ClusterIpTaken {
                     key: Box::new(key.clone()),

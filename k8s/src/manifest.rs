@@ -200,11 +200,34 @@ pub fn read_path(path: &Path) -> Result<Vec<Object>, Error> {
     Ok(objects)
 }
 
-/// Parses multi-document YAML (or JSON) text, expands `kind: List`, and validates each object.
+/// Parses multi-document YAML (or JSON) text, expands `kind: List`, and validates each object
+/// fully: identity fields, the typed schema of known kinds, and the local cluster's rules (e.g.
+/// containers must name a host program). This is what `weft cluster apply` accepts.
 ///
 /// # Errors
 /// [`Error`] naming `file`, the object or document, and the field.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Object>, Error> {
+    parse_with(text, file, true)
+}
+
+/// Parses like [`parse`] but checks only what every consumer needs (`apiVersion`, `kind`,
+/// `metadata.name`, namespace syntax); typed checks are left to the consumer. Config sources use
+/// it to read manifests written for a real cluster.
+///
+/// # Errors
+/// [`Error`] naming `file`, the object or document, and the field.
+pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Object>, Error> {
+    parse_with(text, file, false)
+}
+
+fn parse_with(text: &str, file: &str, strict: bool) -> Result<Vec<Object>, Error> {
+    let validate = |object: &Object| {
+        if strict {
+            validate(object)
+        } else {
+            validate_identity(object)
+        }
+    };
     let mut objects = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_name = format!("document {}", index + 1);
@@ -269,11 +292,8 @@ fn typed<T: DeserializeOwned>(object: &Object) -> Result<T, Invalid> {
         .map_err(|(path, message)| (Some(path), message))
 }
 
-/// Checks one object: identity fields, then the typed schema of known kinds, then the rules the
-/// local cluster needs (e.g. containers must name a host program).
-fn validate(object: &Object) -> Result<(), Invalid> {
-    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
-
+/// Checks the fields that identify an object.
+fn validate_identity(object: &Object) -> Result<(), Invalid> {
     if !object.0.is_object() {
         return Err((None, "a manifest must be a mapping".into()));
     }
@@ -303,6 +323,15 @@ fn validate(object: &Object) -> Result<(), Invalid> {
             format!("{ns:?} is not a lowercase DNS-1123 label"),
         ));
     }
+    Ok(())
+}
+
+/// Checks one object: identity fields, then the typed schema of known kinds, then the rules the
+/// local cluster needs (e.g. containers must name a host program).
+fn validate(object: &Object) -> Result<(), Invalid> {
+    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
+
+    validate_identity(object)?;
     match (object.api_version(), object.kind()) {
         ("v1", "Namespace") => typed::<core::Namespace>(object).map(drop),
         ("v1", "ServiceAccount") => typed::<core::ServiceAccount>(object).map(drop),
@@ -318,7 +347,9 @@ fn validate(object: &Object) -> Result<(), Invalid> {
         }
         ("apps/v1", "Deployment") => {
             let deployment: apps::Deployment = typed(object)?;
-            let spec = deployment.spec;
+            let spec = deployment
+                .spec
+                .ok_or((Some("spec".into()), "required".into()))?;
             let labels = spec
                 .template
                 .metadata
@@ -382,18 +413,12 @@ fn validate(object: &Object) -> Result<(), Invalid> {
                 .as_deref()
                 .filter(|ip| !ip.is_empty() && *ip != "None")
             {
-                let parsed: std::net::Ipv4Addr = ip.parse().map_err(|_| {
+                ip.parse::<std::net::IpAddr>().map_err(|_| {
                     (
                         Some("spec.clusterIP".into()),
-                        format!("{ip:?} is not an IPv4 address"),
+                        format!("{ip:?} is not an IP address"),
                     )
                 })?;
-                if !super::layout::contains(super::layout::SERVICE_NETWORK, parsed) {
-                    return Err((
-                        Some("spec.clusterIP".into()),
-                        format!("{ip} is outside the service range 10.96.0.0/16"),
-                    ));
-                }
             }
             Ok(())
         }

@@ -1,0 +1,202 @@
+//! Who is calling: bearer-token authentication shared by the xDS and CA services.
+//!
+//! Every gRPC request carries `authorization: Bearer <token>`. On Kubernetes the token is a
+//! projected service-account JWT checked with the TokenReview API; in the local cluster it is a
+//! per-node bootstrap token the controller generated ([`BootstrapTokens`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+use rand::RngCore;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's namespace (of its service account).
+    pub namespace: String,
+    /// The caller's service account.
+    pub service_account: String,
+    /// The node the caller runs on, when known (node proxies always have one).
+    pub node: Option<String>,
+    /// The caller's pod name, when known.
+    pub pod: Option<String>,
+}
+
+impl Caller {
+    /// `namespace/service-account`, the form `CA_TRUSTED_NODE_ACCOUNTS` lists.
+    pub fn account(&self) -> String {
+        format!("{}/{}", self.namespace, self.service_account)
+    }
+}
+
+/// Why a caller was not authenticated (gRPC `Unauthenticated`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("missing bearer token")]
+    Missing,
+    /// Not of the form `Bearer <token>`.
+    #[error("malformed authorization header: expected \"Bearer <token>\"")]
+    Malformed,
+    /// The token is not valid.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The token could not be checked (e.g. the TokenReview call failed).
+    #[error("token review failed: {0}")]
+    Unavailable(String),
+}
+
+/// Checks bearer tokens.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Authenticates `token` (without the `Bearer ` prefix).
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>>;
+}
+
+/// Extracts the token from gRPC metadata and authenticates it.
+///
+/// # Errors
+/// [`AuthError`] for a missing, malformed or invalid token.
+pub async fn authenticate_metadata(
+    auth: &dyn Authenticator,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Caller, AuthError> {
+    let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::Malformed)?;
+    auth.authenticate(token.trim()).await
+}
+
+impl From<AuthError> for tonic::Status {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Unavailable(_) => tonic::Status::unavailable(err.to_string()),
+            _ => tonic::Status::unauthenticated(err.to_string()),
+        }
+    }
+}
+
+/// Static tokens for the local cluster: one per node, each naming the node proxy's identity on
+/// that node (`istio-system/ztunnel` by default), kept as files `<dir>/<node>.token` (mode 0600)
+/// so node components can read theirs.
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapTokens {
+    tokens: BTreeMap<String, Caller>,
+}
+
+impl BootstrapTokens {
+    /// Loads `<dir>/<node>.token` for each node, creating missing ones with 32 random bytes
+    /// (hex), all mapping to `account` (`namespace/sa`) on that node.
+    ///
+    /// # Errors
+    /// I/O errors writing or reading the token files.
+    pub fn load_or_create(
+        dir: &Path,
+        nodes: &[String],
+        account: (&str, &str),
+    ) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir)?;
+        let mut tokens = BTreeMap::new();
+        for node in nodes {
+            let path = dir.join(format!("{node}.token"));
+            let token = match std::fs::read_to_string(&path) {
+                Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+                _ => {
+                    let mut bytes = [0u8; 32];
+                    rand::rng().fill_bytes(&mut bytes);
+                    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    let tmp = dir.join(format!(".{node}.token.tmp"));
+                    let mut file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)?;
+                    std::io::Write::write_all(&mut file, token.as_bytes())?;
+                    std::fs::rename(&tmp, &path)?;
+                    token
+                }
+            };
+            tokens.insert(
+                token,
+                Caller {
+                    namespace: account.0.to_owned(),
+                    service_account: account.1.to_owned(),
+                    node: Some(node.clone()),
+                    pod: None,
+                },
+            );
+        }
+        Ok(BootstrapTokens { tokens })
+    }
+
+    /// Adds a token for `caller` (tests, and extra local components).
+    pub fn insert(&mut self, token: impl Into<String>, caller: Caller) {
+        self.tokens.insert(token.into(), caller);
+    }
+}
+
+impl Authenticator for BootstrapTokens {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>> {
+        Box::pin(async move {
+            self.tokens
+                .get(token)
+                .cloned()
+                .ok_or_else(|| AuthError::Invalid("unknown bootstrap token".into()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bootstrap_tokens_persist_and_authenticate() {
+        let dir = std::env::temp_dir().join(format!("weft-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let nodes = vec!["node-1".to_owned(), "node-2".to_owned()];
+        let tokens =
+            BootstrapTokens::load_or_create(&dir, &nodes, ("istio-system", "ztunnel")).unwrap();
+        let t1 = std::fs::read_to_string(dir.join("node-1.token")).unwrap();
+        let caller = tokens.authenticate(&t1).await.unwrap();
+        assert_eq!(caller.node.as_deref(), Some("node-1"));
+        assert_eq!(caller.account(), "istio-system/ztunnel");
+        let again =
+            BootstrapTokens::load_or_create(&dir, &nodes, ("istio-system", "ztunnel")).unwrap();
+        assert!(
+            again.authenticate(&t1).await.is_ok(),
+            "tokens survive a restart"
+        );
+        assert!(matches!(
+            tokens.authenticate("nope").await,
+            Err(AuthError::Invalid(_))
+        ));
+
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert!(matches!(
+            authenticate_metadata(&tokens, &md).await,
+            Err(AuthError::Missing)
+        ));
+        md.insert("authorization", "Basic abc".parse().unwrap());
+        assert!(matches!(
+            authenticate_metadata(&tokens, &md).await,
+            Err(AuthError::Malformed)
+        ));
+        md.insert("authorization", format!("Bearer {t1}").parse().unwrap());
+        assert!(authenticate_metadata(&tokens, &md).await.is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

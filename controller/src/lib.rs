@@ -1,0 +1,9 @@
+//! Weft's control plane: watches Kubernetes (or the local cluster's object store), translates
+//! what it sees into Istio's workload xDS resources, serves them over delta ADS, and signs
+//! workload certificates.
+//!
+//! Owns: authentication of callers ([`auth`]), translation ([`translate`], pure), the xDS
+//! resource cache and delta ADS server ([`xds`]), the CA service ([`ca`]). Does not own the
+//! data plane or the Kubernetes object model (`weft-k8s`).
+
+pub mod auth;

@@ -1,0 +1,3 @@
+//! `weft-controller`: Weft's control plane (being built).
+
+fn main() {}

@@ -1,0 +1,102 @@
+//! The Kubernetes config source: one kube-rs watcher per kind feeding the [`Index`]. A watcher's
+//! initial list (and every relist after a desync) replaces that kind wholesale; later events
+//! apply or delete single objects. Watch errors are retried with kube-runtime's default backoff.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, info_span, warn};
+
+use crate::index::{Index, Kind, Resource};
+
+/// Watches one kind until the stream ends (it does not, unless the runtime shuts down).
+async fn watch_kind<K>(api: Api<K>, kind: Kind, index: Arc<Index>, wrap: fn(Arc<K>) -> Resource)
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut buffer: Vec<Resource> = Vec::new();
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => buffer.clear(),
+            Ok(Event::InitApply(object)) => buffer.push(wrap(Arc::new(object))),
+            Ok(Event::InitDone) => index.replace(kind, std::mem::take(&mut buffer)),
+            Ok(Event::Apply(object)) => index.apply(wrap(Arc::new(object))),
+            Ok(Event::Delete(object)) => index.delete(&wrap(Arc::new(object)).key()),
+            Err(err) => warn!(kind = ?kind, error = %err, "watch failed; retrying"),
+        }
+    }
+}
+
+fn start<K>(
+    api: Api<K>,
+    kind: Kind,
+    index: Arc<Index>,
+    wrap: fn(Arc<K>) -> Resource,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    tokio::spawn(
+        watch_kind(api, kind, index, wrap).instrument(info_span!("watch", k8s.kind = ?kind)),
+    )
+}
+
+/// Starts a watcher for each of `kinds` on the current runtime; returns their join handles.
+pub fn spawn(
+    client: Client,
+    index: Arc<Index>,
+    kinds: &[Kind],
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use gateway_api::{
+        gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute,
+        httproutes::HttpRoute,
+    };
+    use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    use crate::crds::{AuthorizationPolicy, PeerAuthentication};
+
+    kinds
+        .iter()
+        .map(|&kind| {
+            let (i, c) = (index.clone(), client.clone());
+            match kind {
+                Kind::Namespace => start(Api::<Namespace>::all(c), kind, i, Resource::Namespace),
+                Kind::Node => start(Api::<Node>::all(c), kind, i, Resource::Node),
+                Kind::Pod => start(Api::<Pod>::all(c), kind, i, Resource::Pod),
+                Kind::Service => start(Api::<Service>::all(c), kind, i, Resource::Service),
+                Kind::EndpointSlice => start(
+                    Api::<EndpointSlice>::all(c),
+                    kind,
+                    i,
+                    Resource::EndpointSlice,
+                ),
+                Kind::Gateway => start(Api::<Gateway>::all(c), kind, i, Resource::Gateway),
+                Kind::GatewayClass => {
+                    start(Api::<GatewayClass>::all(c), kind, i, Resource::GatewayClass)
+                }
+                Kind::HttpRoute => start(Api::<HttpRoute>::all(c), kind, i, Resource::HttpRoute),
+                Kind::GrpcRoute => start(Api::<GrpcRoute>::all(c), kind, i, Resource::GrpcRoute),
+                Kind::AuthorizationPolicy => start(
+                    Api::<AuthorizationPolicy>::all(c),
+                    kind,
+                    i,
+                    Resource::AuthorizationPolicy,
+                ),
+                Kind::PeerAuthentication => start(
+                    Api::<PeerAuthentication>::all(c),
+                    kind,
+                    i,
+                    Resource::PeerAuthentication,
+                ),
+            }
+        })
+        .collect()
+}

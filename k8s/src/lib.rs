@@ -1,0 +1,17 @@
+//! Kubernetes objects as Weft's control plane and node agent see them.
+//!
+//! Owns manifest parsing and validation ([`manifest`]), Istio's `security.istio.io/v1` CRD
+//! types ([`crds`]), and the config source: one in-memory [`Index`] of the kinds Weft consumes,
+//! fed either by the Kubernetes API ([`apiserver`], kube-rs watchers) or by a directory of
+//! manifests watched live ([`files`], the local cluster's object store). Consumers read
+//! consistent [`Snapshot`]s and are woken on change.
+//!
+//! Does not own translation into xDS (the controller) or any mutation of the cluster.
+
+pub mod apiserver;
+pub mod crds;
+pub mod files;
+pub mod index;
+pub mod manifest;
+
+pub use index::{Index, Kind, Resource, ResourceKey, Snapshot};
