@@ -7,3 +7,5 @@
 //! data plane or the Kubernetes object model (`weft-k8s`).
 
 pub mod auth;
+pub mod translate;
+pub mod xds;

@@ -1,0 +1,3 @@
+//! Translation of Kubernetes objects into workload xDS resources (being written).
+
+pub mod authz;

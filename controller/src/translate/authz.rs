@@ -1,0 +1,1 @@
+//! AuthorizationPolicy and PeerAuthentication translation (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Delta ADS (placeholder: being written).
