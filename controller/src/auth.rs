@@ -159,6 +159,107 @@ impl Authenticator for BootstrapTokens {
     }
 }
 
+/// Kubernetes authentication: the token is reviewed with the TokenReview API (audience
+/// `istio-ca` by default); the caller's node comes from the bound token's node claim, else from
+/// its pod in the index.
+pub struct TokenReviewer {
+    client: kube::Client,
+    audiences: Vec<String>,
+    index: std::sync::Arc<weft_k8s::Index>,
+}
+
+impl TokenReviewer {
+    /// A reviewer using `client`, accepting tokens for `audiences`.
+    pub fn new(
+        client: kube::Client,
+        audiences: Vec<String>,
+        index: std::sync::Arc<weft_k8s::Index>,
+    ) -> Self {
+        TokenReviewer {
+            client,
+            audiences,
+            index,
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller a successful TokenReview status describes.
+///
+/// # Errors
+/// [`AuthError::Invalid`] when not authenticated or not a service account.
+pub fn caller_from_review(
+    status: &k8s_openapi::api::authentication::v1::TokenReviewStatus,
+) -> Result<Caller, AuthError> {
+    if status.authenticated != Some(true) {
+        return Err(AuthError::Invalid(
+            status
+                .error
+                .clone()
+                .unwrap_or_else(|| "not authenticated".into()),
+        ));
+    }
+    let user = status.user.clone().unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let Some(rest) = username.strip_prefix("system:serviceaccount:") else {
+        return Err(AuthError::Invalid(format!(
+            "{username} is not a service account"
+        )));
+    };
+    let (namespace, service_account) = rest
+        .split_once(':')
+        .ok_or_else(|| AuthError::Invalid(format!("malformed service account user {username}")))?;
+    let extra = user.extra.unwrap_or_default();
+    let claim = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+    Ok(Caller {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        node: claim("authentication.kubernetes.io/node-name"),
+        pod: claim("authentication.kubernetes.io/pod-name"),
+    })
+}
+
+impl Authenticator for TokenReviewer {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        Box::pin(async move {
+            let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: token.to_owned(),
+                    audiences: Some(self.audiences.clone()),
+                },
+                ..Default::default()
+            };
+            let reviewed = api
+                .create(&kube::api::PostParams::default(), &review)
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+            let mut caller = caller_from_review(&reviewed.status.unwrap_or_default())?;
+            if caller.node.is_none()
+                && let Some(pod) = &caller.pod
+            {
+                caller.node = self.index.read(|snap| {
+                    snap.pods
+                        .get(&(caller.namespace.clone(), pod.clone()))
+                        .and_then(|p| p.spec.as_ref()?.node_name.clone())
+                });
+            }
+            Ok(caller)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,9 @@
 //! resource cache and delta ADS server ([`xds`]), the CA service ([`ca`]). Does not own the
 //! data plane or the Kubernetes object model (`weft-k8s`).
 
+pub mod app;
 pub mod auth;
+pub mod ca;
+pub mod config;
 pub mod translate;
 pub mod xds;

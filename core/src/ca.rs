@@ -291,6 +291,54 @@ impl std::fmt::Debug for Signer {
     }
 }
 
+impl Signer {
+    /// Issues a TLS serving certificate (for the controller's gRPC port) with the given DNS and
+    /// IP subject alternative names and a fresh P-256 key. Returns `(chain PEM: leaf then
+    /// intermediates, private key PEM)`; clients trust [`Signer::root_bundle_pem`].
+    ///
+    /// # Errors
+    /// [`Error::Sign`] for an invalid name or a crypto failure.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(Error::Sign)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = now + ttl;
+        params.serial_number = Some(random_serial());
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                Ia5String::try_from(name.as_str()).map_err(Error::Sign)?,
+            ));
+        }
+        for ip in ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(Error::Sign)?;
+        let mut chain = cert.pem();
+        for intermediate in &self.intermediates_pem {
+            chain.push_str(intermediate);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+}
+
 fn generate_root_pem(trust_domain: &str, ttl: Duration) -> Result<(String, String), Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(Error::Sign)?;
     let mut params = CertificateParams::default();

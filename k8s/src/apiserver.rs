@@ -100,3 +100,8 @@ pub fn spawn(
         })
         .collect()
 }
+
+/// Watchers for every kind the index holds.
+pub fn spawn_all(client: Client, index: Arc<Index>) -> Vec<tokio::task::JoinHandle<()>> {
+    spawn(client, index, &Kind::ALL)
+}

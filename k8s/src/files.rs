@@ -159,14 +159,14 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Scans `dir` into `index` every `interval` until `stop` resolves.
+/// Scans into `index` with `watcher` every `interval` until `stop` resolves. Pass a watcher
+/// that already made the initial scan to avoid re-applying everything.
 pub async fn run(
-    dir: PathBuf,
+    mut watcher: Watcher,
     index: Arc<Index>,
     interval: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut watcher = Watcher::new(dir);
     tokio::pin!(stop);
     loop {
         watcher.scan(&index);

@@ -373,6 +373,14 @@ impl Index {
             .clone()
     }
 
+    /// Runs `f` on the current state without copying it (keep `f` short: writers wait).
+    pub fn read<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        f(&self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Wakes on every change; the value is the revision.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

@@ -1,0 +1,241 @@
+//! Wiring: config source → index → debounced translation → xDS cache → delta ADS and CA over
+//! TLS, plus the debug endpoint.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::net::TcpListener;
+use tonic::transport::{Identity, ServerTlsConfig};
+use tracing::{Instrument, info, info_span, warn};
+use weft_core::ca::Signer;
+use weft_k8s::{Index, files};
+use weft_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+use crate::auth::{Authenticator, BootstrapTokens, TokenReviewer};
+use crate::ca::{self, CaService};
+use crate::config::{Config, Source};
+use crate::translate::{self, Output};
+use crate::xds;
+
+/// Errors starting the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CA could not be loaded or created.
+    #[error("certificate authority")]
+    Ca(#[from] weft_core::ca::Error),
+    /// A file operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Kubernetes client could not be built.
+    #[error("kubernetes client")]
+    Kube(#[from] kube::Error),
+    /// The gRPC server failed.
+    #[error("grpc server")]
+    Transport(#[from] tonic::transport::Error),
+    /// A node account is not `namespace/name`.
+    #[error("node account {0:?} is not namespace/service-account")]
+    NodeAccount(String),
+}
+
+/// Publishes a translation into the cache (both types), returning whether anything changed.
+pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
+    let addresses = out
+        .addresses
+        .values()
+        .map(|r| xds::Resource {
+            name: r.name.clone(),
+            aliases: r.aliases.clone(),
+            body: prost_types::Any {
+                type_url: ADDRESS_TYPE_URL.to_owned(),
+                value: r.address.encode_to_vec(),
+            },
+        })
+        .collect();
+    let authorizations = out
+        .authorizations
+        .iter()
+        .map(|(name, a)| xds::Resource {
+            name: name.clone(),
+            aliases: Vec::new(),
+            body: prost_types::Any {
+                type_url: AUTHORIZATION_TYPE_URL.to_owned(),
+                value: a.encode_to_vec(),
+            },
+        })
+        .collect();
+    let a = cache.set(ADDRESS_TYPE_URL, addresses);
+    let b = cache.set(AUTHORIZATION_TYPE_URL, authorizations);
+    a.changed + a.removed + b.changed + b.removed > 0
+}
+
+/// Translates on every index change, at most once per `debounce`, and publishes.
+pub async fn translation_loop(
+    index: Arc<Index>,
+    cache: Arc<xds::Cache>,
+    settings: translate::Settings,
+    debounce: std::time::Duration,
+) {
+    let mut changes = index.changes();
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        let snapshot = index.snapshot();
+        let started = std::time::Instant::now();
+        let out = translate::translate(&snapshot, &settings);
+        let changed = publish(&cache, &out);
+        if out.problems != reported {
+            for problem in out.problems.iter().filter(|p| !reported.contains(p)) {
+                warn!(problem = %problem, "object skipped");
+            }
+            reported = out.problems.clone();
+        }
+        info!(
+            revision = snapshot.revision,
+            addresses = out.addresses.len(),
+            authorizations = out.authorizations.len(),
+            changed,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "translated"
+        );
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(debounce).await;
+        changes.borrow_and_update();
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+///
+/// # Errors
+/// [`Error`] when a component cannot start.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let io = |what: String| move |source| Error::Io { what, source };
+    info!(config = ?config, "starting");
+    let signer = Arc::new(Signer::load_or_create(
+        &config.ca_dir(),
+        &config.trust_domain,
+        weft_core::ca::Config {
+            max_ttl: config.max_cert_ttl,
+            ..weft_core::ca::Config::default()
+        },
+    )?);
+    let index = Index::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let (ns, sa) = config
+        .node_accounts
+        .first()
+        .and_then(|a| a.split_once('/'))
+        .ok_or_else(|| Error::NodeAccount(config.node_accounts.join(",")))?;
+    let auth: Arc<dyn Authenticator> = match config.source() {
+        Source::Files(dir) => {
+            let mut watcher = files::Watcher::new(&dir);
+            watcher.scan(&index);
+            tokio::spawn(
+                files::run(watcher, index.clone(), config.files_poll, stopped())
+                    .instrument(info_span!("files")),
+            );
+            let nodes: Vec<String> = index.read(|s| s.nodes.keys().cloned().collect());
+            let tokens = BootstrapTokens::load_or_create(&config.token_dir(), &nodes, (ns, sa))
+                .map_err(io(format!(
+                    "writing bootstrap tokens in {}",
+                    config.token_dir().display()
+                )))?;
+            info!(nodes = ?nodes, dir = %config.token_dir().display(), "bootstrap tokens ready");
+            Arc::new(tokens)
+        }
+        Source::Kubernetes => {
+            let client = kube::Client::try_default().await?;
+            weft_k8s::apiserver::spawn_all(client.clone(), index.clone());
+            Arc::new(TokenReviewer::new(
+                client,
+                vec![config.token_audience.clone()],
+                index.clone(),
+            ))
+        }
+    };
+
+    let cache = xds::Cache::new();
+    let registry = xds::Registry::new();
+    let settings = translate::Settings {
+        authz: translate::authz::Settings {
+            root_namespace: config.root_namespace.clone(),
+            trust_domain: config.trust_domain.clone(),
+        },
+        cluster_id: config.cluster_id.clone(),
+        network: config.network.clone(),
+        ..translate::Settings::default()
+    };
+    tokio::spawn(
+        translation_loop(index.clone(), cache.clone(), settings, config.debounce)
+            .instrument(info_span!("translate")),
+    );
+
+    let debug = TcpListener::bind(config.debug_listen)
+        .await
+        .map_err(io(format!(
+            "binding debug listener {}",
+            config.debug_listen
+        )))?;
+    tokio::spawn(
+        xds::serve_debug(debug, registry.clone(), cache.clone()).instrument(info_span!("debug")),
+    );
+
+    let (chain, key) = signer.issue_serving(
+        &config.serving_dns,
+        &config.serving_ips,
+        std::time::Duration::from_secs(365 * 24 * 3600),
+    )?;
+    let ca_service = CaService::new(
+        signer.clone(),
+        auth.clone(),
+        index.clone(),
+        ca::Config {
+            trust_domain: config.trust_domain.clone(),
+            trusted_node_accounts: config.node_accounts.clone(),
+        },
+    );
+    let ads = xds::Server::new(cache.clone(), registry.clone(), auth.clone());
+    info!(listen = %config.listen, debug = %config.debug_listen, "controller ready");
+    // Graceful first (no new streams; open ones may finish), forced at the drain deadline:
+    // ADS streams are long-lived and would otherwise hold shutdown forever.
+    let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
+    let server = tonic::transport::Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(chain, key)))?
+        .add_service(ads.service())
+        .add_service(IstioCertificateServiceServer::new(ca_service))
+        .serve_with_shutdown(config.listen, async move {
+            shutdown.await;
+            let _ = fired_tx.send(true);
+        });
+    let deadline = config.drain_deadline;
+    let result = tokio::select! {
+        result = server => result.map_err(Error::from),
+        () = async move {
+            let _ = fired_rx.wait_for(|f| *f).await;
+            tokio::time::sleep(deadline).await;
+        } => {
+            warn!(deadline_s = deadline.as_secs_f64(), "open streams did not finish; closing them");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    result
+}

@@ -1,0 +1,179 @@
+//! The CA service: `istio.v1.auth.IstioCertificateService/CreateCertificate` (istio-ztunnel
+//! reference §3, istio-ambient reference §3.8).
+//!
+//! Callers authenticate with a bearer token. A normal caller gets a certificate for its own
+//! service account. A trusted node proxy (by default `istio-system/ztunnel`) may ask for another
+//! identity with the `ImpersonatedIdentity` metadata, but only for a service account that has a
+//! pod scheduled on the caller's own node. Validity is capped by the signer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use weft_core::SpiffeId;
+use weft_core::ca::{self, Signer};
+use weft_k8s::Index;
+use weft_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
+use weft_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+
+use crate::auth::{Authenticator, Caller, authenticate_metadata};
+
+/// Metadata key naming the identity a node proxy requests on behalf of a pod.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// CA settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain of every identity signed.
+    pub trust_domain: String,
+    /// Callers (`namespace/service-account`) allowed to impersonate pods on their node; default
+    /// `istio-system/ztunnel`.
+    pub trusted_node_accounts: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            trust_domain: "cluster.local".into(),
+            trusted_node_accounts: vec!["istio-system/ztunnel".into()],
+        }
+    }
+}
+
+/// The gRPC CA service.
+pub struct CaService {
+    signer: Arc<Signer>,
+    auth: Arc<dyn Authenticator>,
+    index: Arc<Index>,
+    config: Config,
+}
+
+impl CaService {
+    /// A CA signing with `signer`, authenticating with `auth`, and checking node placement in
+    /// `index`.
+    pub fn new(
+        signer: Arc<Signer>,
+        auth: Arc<dyn Authenticator>,
+        index: Arc<Index>,
+        config: Config,
+    ) -> Self {
+        CaService {
+            signer,
+            auth,
+            index,
+            config,
+        }
+    }
+
+    /// Decides which identity `caller` gets, or why not (`PermissionDenied`/`InvalidArgument`).
+    fn identity_for(
+        &self,
+        caller: &Caller,
+        impersonated: Option<&str>,
+    ) -> Result<SpiffeId, Status> {
+        let Some(requested) = impersonated else {
+            return SpiffeId::new(
+                &self.config.trust_domain,
+                &caller.namespace,
+                &caller.service_account,
+            )
+            .map_err(|e| Status::permission_denied(format!("caller has no valid identity: {e}")));
+        };
+        let identity: SpiffeId = requested
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}")))?;
+        if !self
+            .config
+            .trusted_node_accounts
+            .contains(&caller.account())
+        {
+            return Err(Status::permission_denied(format!(
+                "{} may not impersonate other identities (trusted node accounts: {:?})",
+                caller.account(),
+                self.config.trusted_node_accounts
+            )));
+        }
+        if identity.trust_domain() != self.config.trust_domain {
+            return Err(Status::permission_denied(format!(
+                "{identity} is not in trust domain {}",
+                self.config.trust_domain
+            )));
+        }
+        let Some(node) = caller.node.as_deref() else {
+            return Err(Status::permission_denied(format!(
+                "{} has no node; impersonation is node-scoped",
+                caller.account()
+            )));
+        };
+        let on_node = self.index.read(|snap| {
+            snap.pods.iter().any(|((ns, _), pod)| {
+                let spec = pod.spec.as_ref();
+                let sa = spec
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into());
+                let terminal = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|p| p == "Succeeded" || p == "Failed");
+                ns == identity.namespace()
+                    && sa == identity.service_account()
+                    && spec.and_then(|s| s.node_name.as_deref()) == Some(node)
+                    && !terminal
+            })
+        });
+        if !on_node {
+            return Err(Status::permission_denied(format!(
+                "no pod with service account {}/{} is scheduled on node {node}",
+                identity.namespace(),
+                identity.service_account()
+            )));
+        }
+        Ok(identity)
+    }
+}
+
+fn impersonated(request: &IstioCertificateRequest) -> Option<String> {
+    use prost_types::value::Kind;
+    let field = request
+        .metadata
+        .as_ref()?
+        .fields
+        .get(IMPERSONATED_IDENTITY)?;
+    match field.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let caller = authenticate_metadata(self.auth.as_ref(), request.metadata()).await?;
+        let request = request.into_inner();
+        let impersonated = impersonated(&request);
+        let identity = self.identity_for(&caller, impersonated.as_deref()).inspect_err(|status| {
+            warn!(caller = %caller.account(), node = ?caller.node, reason = %status.message(), "certificate refused");
+        })?;
+        let ttl = Duration::from_secs(u64::try_from(request.validity_duration).unwrap_or(0));
+        let chain = self
+            .signer
+            .sign(&request.csr, &identity, ttl)
+            .map_err(|e| match e {
+                ca::Error::Csr(_) => Status::invalid_argument(format!("csr: {e}")),
+                ca::Error::NoSan { .. } | ca::Error::SanMismatch { .. } => {
+                    Status::permission_denied(e.to_string())
+                }
+                other => Status::internal(other.to_string()),
+            })?;
+        info!(caller = %caller.account(), identity = %identity, "certificate signed");
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
+    }
+}

@@ -1,0 +1,170 @@
+//! The controller's one `Config`, parsed from flags and `WEFT_CONTROLLER_*` environment variables.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where Kubernetes objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A directory of manifests watched live (the local cluster's object store).
+    Files(PathBuf),
+    /// The Kubernetes API (in-cluster config or `KUBECONFIG`).
+    Kubernetes,
+}
+
+/// Parses durations like `100ms`, `5s`, `2m`, `24h`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 100ms, 5s, 2m or 24h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    })
+}
+
+/// Everything the controller is configured with.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "weft-controller", version, about = "Weft's control plane")]
+pub struct Config {
+    /// Watch this directory of manifests instead of the Kubernetes API.
+    #[arg(long, env = "WEFT_CONTROLLER_FILES")]
+    pub files: Option<PathBuf>,
+    /// gRPC (xDS + CA, TLS) listen address.
+    #[arg(long, env = "WEFT_CONTROLLER_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Debug HTTP listen address (`/debug/connections`, `/debug/resources`, `/ready`).
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_DEBUG_LISTEN",
+        default_value = "127.0.0.1:15014"
+    )]
+    pub debug_listen: SocketAddr,
+    /// State directory: the CA root (`ca/`), bootstrap tokens (`tokens/`).
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_STATE_DIR",
+        default_value = "/var/lib/weft-controller"
+    )]
+    pub state_dir: PathBuf,
+    /// Trust domain of workload identities.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+    /// Root namespace (mesh-wide policies).
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_ROOT_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    pub root_namespace: String,
+    /// `cluster_id` of workloads.
+    #[arg(long, env = "WEFT_CONTROLLER_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Network of addresses (empty: the default network).
+    #[arg(long, env = "WEFT_CONTROLLER_NETWORK", default_value = "")]
+    pub network: String,
+    /// Quiet period after a change before translating and pushing (e.g. `100ms`).
+    #[arg(long, env = "WEFT_CONTROLLER_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
+    pub debounce: Duration,
+    /// Interval between scans of the files source (e.g. `200ms`).
+    #[arg(long, env = "WEFT_CONTROLLER_FILES_POLL", default_value = "200ms", value_parser = parse_duration)]
+    pub files_poll: Duration,
+    /// How long open streams may run after shutdown starts before they are closed (e.g. `5s`).
+    #[arg(long, env = "WEFT_CONTROLLER_DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// Callers allowed to impersonate pods on their node (`namespace/service-account`).
+    #[arg(
+        long = "node-account",
+        env = "WEFT_CONTROLLER_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "istio-system/ztunnel"
+    )]
+    pub node_accounts: Vec<String>,
+    /// Audience of projected service-account tokens (Kubernetes source).
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_TOKEN_AUDIENCE",
+        default_value = "istio-ca"
+    )]
+    pub token_audience: String,
+    /// DNS names in the serving certificate.
+    #[arg(
+        long = "serving-dns",
+        env = "WEFT_CONTROLLER_SERVING_DNS",
+        value_delimiter = ',',
+        default_value = "weft-controller.istio-system.svc,localhost"
+    )]
+    pub serving_dns: Vec<String>,
+    /// IP addresses in the serving certificate.
+    #[arg(
+        long = "serving-ip",
+        env = "WEFT_CONTROLLER_SERVING_IPS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    pub serving_ips: Vec<IpAddr>,
+    /// Longest workload certificate validity (e.g. `24h`).
+    #[arg(long, env = "WEFT_CONTROLLER_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_cert_ttl: Duration,
+}
+
+impl Config {
+    /// The configured source.
+    pub fn source(&self) -> Source {
+        match &self.files {
+            Some(dir) => Source::Files(dir.clone()),
+            None => Source::Kubernetes,
+        }
+    }
+
+    /// Where bootstrap tokens live (files source).
+    pub fn token_dir(&self) -> PathBuf {
+        self.state_dir.join("tokens")
+    }
+
+    /// Where the CA root lives.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn durations_and_defaults() {
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        let config = Config::try_parse_from(["weft-controller", "--files", "/tmp/x"]).unwrap();
+        assert_eq!(config.source(), Source::Files("/tmp/x".into()));
+        assert_eq!(config.node_accounts, ["istio-system/ztunnel"]);
+        assert_eq!(config.debounce, Duration::from_millis(100));
+        let err =
+            Config::try_parse_from(["weft-controller", "--debounce", "x", "--listen", "nope"])
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("nope") || err.to_string().contains("\"x\""),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,386 @@
+//! The controller end to end on loopback: files source → translation → delta ADS and CA over
+//! TLS with bootstrap tokens, driven by the generated tonic clients.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use prost::Message;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use weft_controller::config::Config;
+use weft_core::{SpiffeId, WorkloadCertificate, csr};
+use weft_proto::envoy::config::core::v3::Node;
+use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use weft_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use weft_proto::istio::v1::auth::IstioCertificateRequest;
+use weft_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use weft_proto::istio::workload::{Address, address};
+use weft_proto::type_url::ADDRESS_TYPE_URL;
+
+const T: Duration = Duration::from_secs(10);
+
+async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(T, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+"#;
+
+fn pod(name: &str, node: &str, sa: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a, labels: {{app: x}}, annotations: {{ambient.istio.io/redirection: enabled}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\n\
+         status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+    )
+}
+
+struct Controller {
+    listen: SocketAddr,
+    state: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    async fn start(dir: &Path) -> Self {
+        let store = dir.join("store");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&store).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let debug: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = Config::try_parse_from([
+            "weft-controller",
+            "--files",
+            store.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--listen",
+            &listen.to_string(),
+            "--debug-listen",
+            &debug.to_string(),
+            "--files-poll",
+            "50ms",
+            "--drain-deadline",
+            "1s",
+        ])
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            weft_controller::app::run(config, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        // Wait for the TLS port.
+        within("controller listening", async {
+            while tokio::net::TcpStream::connect(listen).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Controller {
+            listen,
+            state,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = within("controller stops", self.task).await;
+    }
+
+    fn root(&self) -> String {
+        std::fs::read_to_string(self.state.join("ca/root-cert.pem")).unwrap()
+    }
+
+    fn token(&self, node: &str) -> String {
+        std::fs::read_to_string(self.state.join(format!("tokens/{node}.token"))).unwrap()
+    }
+
+    async fn channel(&self) -> Channel {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.root()))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://{}", self.listen))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+fn csr_request(identity: &SpiffeId, impersonate: bool) -> (IstioCertificateRequest, String) {
+    use prost_types::{Struct, Value, value::Kind};
+    let generated = csr::generate(identity).unwrap();
+    let metadata = impersonate.then(|| Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(identity.to_string())),
+            },
+        )]
+        .into(),
+    });
+    (
+        IstioCertificateRequest {
+            csr: generated.csr_pem,
+            validity_duration: 3600,
+            metadata,
+        },
+        generated.key_pem,
+    )
+}
+
+/// Writes like the local cluster's store does (temp file + rename), so a scan never sees a
+/// half-written file.
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-controller-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_signs_impersonated_identities_only_for_pods_on_the_callers_node() {
+    let dir = tmp("ca");
+    std::fs::create_dir_all(dir.join("store")).unwrap();
+    std::fs::write(
+        dir.join("store/objects.yaml"),
+        format!(
+            "{OBJECTS}---\n{}",
+            pod("p1", "node-1", "echo", "10.244.1.5")
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start(&dir).await;
+    let mut ca = IstioCertificateServiceClient::new(controller.channel().await);
+    let token = controller.token("node-1");
+    let echo = SpiffeId::new("cluster.local", "a", "echo").unwrap();
+
+    // Valid CSR for a pod on the caller's node: the chain carries exactly that identity.
+    let (request, key) = csr_request(&echo, true);
+    let response = within("sign", ca.create_certificate(with_token(request, &token)))
+        .await
+        .unwrap()
+        .into_inner();
+    let cert =
+        WorkloadCertificate::from_pem_chain(&response.cert_chain, &key, Some(&echo)).unwrap();
+    let leaf = weft_core::certs::LeafInfo::parse(&cert.chain()[0]).unwrap();
+    assert_eq!(leaf.uri_sans, vec![echo.to_string()]);
+    assert_eq!(
+        response.cert_chain.last().unwrap().trim(),
+        controller.root().trim(),
+        "root bundle last"
+    );
+
+    // The same identity from node-2's token: no such pod on node-2.
+    let (request, _) = csr_request(&echo, true);
+    let status = within(
+        "sign",
+        ca.create_certificate(with_token(request, &controller.token("node-2"))),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("node-2") && status.message().contains("a/echo"),
+        "{}",
+        status.message()
+    );
+
+    // A service account with no pod at all.
+    let other = SpiffeId::new("cluster.local", "a", "nobody").unwrap();
+    let (request, _) = csr_request(&other, true);
+    let status = within("sign", ca.create_certificate(with_token(request, &token)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+
+    // Bad token → Unauthenticated; garbage CSR → InvalidArgument.
+    let (request, _) = csr_request(&echo, true);
+    let status = within(
+        "sign",
+        ca.create_certificate(with_token(request, "not-a-token")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let (mut request, _) = csr_request(&echo, true);
+    request.csr =
+        "-----BEGIN CERTIFICATE REQUEST-----\nZm9v\n-----END CERTIFICATE REQUEST-----\n".into();
+    let status = within("sign", ca.create_certificate(with_token(request, &token)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // The root survives a restart.
+    let root = controller.root();
+    controller.stop().await;
+    let controller = Controller::start(&dir).await;
+    assert_eq!(controller.root(), root);
+    let mut ca = IstioCertificateServiceClient::new(controller.channel().await);
+    let (request, key) = csr_request(&echo, true);
+    let response = within(
+        "sign after restart",
+        ca.create_certificate(with_token(request, &controller.token("node-1"))),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    WorkloadCertificate::from_pem_chain(&response.cert_chain, &key, Some(&echo)).unwrap();
+    assert_eq!(response.cert_chain.last().unwrap(), &root);
+    controller.stop().await;
+}
+
+fn workload_names(response: &DeltaDiscoveryResponse) -> Vec<String> {
+    response
+        .resources
+        .iter()
+        .map(|r| {
+            let address = Address::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap();
+            match address.r#type.unwrap() {
+                address::Type::Workload(w) => format!("workload {}", w.name),
+                address::Type::Service(s) => format!("service {}", s.name),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_edits_reach_xds_clients_as_deltas() {
+    let dir = tmp("xds");
+    std::fs::create_dir_all(dir.join("store/pods")).unwrap();
+    std::fs::write(dir.join("store/objects.yaml"), OBJECTS).unwrap();
+    std::fs::write(
+        dir.join("store/pods/p1.yaml"),
+        pod("p1", "node-1", "echo", "10.244.1.5"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("store/pods/p2.yaml"),
+        pod("p2", "node-2", "echo", "10.244.2.5"),
+    )
+    .unwrap();
+    let controller = Controller::start(&dir).await;
+    let mut ads = AggregatedDiscoveryServiceClient::new(controller.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~10.240.0.11~ztunnel.istio-system~istio-system.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        type_url: ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut responses = within(
+        "stream",
+        ads.delta_aggregated_resources(with_token(stream, &controller.token("node-1"))),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let first = within("snapshot", responses.next()).await.unwrap().unwrap();
+    let mut names = workload_names(&first);
+    names.sort();
+    assert_eq!(names, ["workload p1", "workload p2"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Edit one file: only that workload comes back, within a second.
+    let started = std::time::Instant::now();
+    write_atomic(
+        &dir.join("store/pods/p2.yaml"),
+        &pod("p2", "node-2", "other", "10.244.2.5"),
+    );
+    let delta = within("delta", responses.next()).await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "delta after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(workload_names(&delta), ["workload p2"]);
+    assert!(delta.removed_resources.is_empty());
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: delta.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Delete a file: removed_resources names it.
+    std::fs::remove_file(dir.join("store/pods/p1.yaml")).unwrap();
+    let delta = within("removal", responses.next()).await.unwrap().unwrap();
+    assert_eq!(delta.removed_resources, ["Kubernetes//Pod/a/p1"]);
+    assert!(delta.resources.is_empty());
+
+    // A malformed edit is skipped: the last good p2 stays, nothing is pushed.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: delta.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    write_atomic(
+        &dir.join("store/pods/p2.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a}\nspec: {containers: 3}\n",
+    );
+    let nothing = tokio::time::timeout(Duration::from_millis(700), responses.next()).await;
+    assert!(
+        nothing.is_err(),
+        "a malformed file must not change what is served: {nothing:?}"
+    );
+    controller.stop().await;
+}
