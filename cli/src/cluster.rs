@@ -28,6 +28,13 @@ pub use manifest::{Object, ObjectKey};
 pub use store::{Outcome, Store};
 pub use weft_k8s::manifest;
 
+/// The controller executable the control plane runs.
+pub const CONTROLLER_PROGRAM: &str = "weft-controller";
+/// Port of the control plane's xDS + CA gRPC service.
+pub const CONTROL_PLANE_PORT: u16 = 15012;
+/// Port of the control plane's debug HTTP endpoint.
+pub const CONTROL_PLANE_DEBUG_PORT: u16 = 15014;
+
 /// Errors of cluster operations.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -108,6 +115,9 @@ pub struct Options {
     pub plugin_dirs: Vec<PathBuf>,
     /// Extra plugin configs chained after `bridge` in every node's config list.
     pub chained_plugins: Vec<serde_json::Value>,
+    /// Start the control plane (`weft-controller`, found next to the `weft` executable or on
+    /// `PATH`); default true. Without it the cluster is a plain Kubernetes stand-in.
+    pub control_plane: bool,
 }
 
 impl Options {
@@ -120,6 +130,7 @@ impl Options {
             weft_exe: None,
             plugin_dirs: vec![PathBuf::from(layout::DEFAULT_CNI_BIN_DIR)],
             chained_plugins: Vec::new(),
+            control_plane: true,
         }
     }
 }
@@ -136,6 +147,9 @@ pub struct Description {
     pub plugin_dirs: Vec<PathBuf>,
     /// Directories searched for container programs before `PATH`.
     pub program_dirs: Vec<PathBuf>,
+    /// Whether the control plane (`weft-controller`) runs in the control-plane namespace.
+    #[serde(default)]
+    pub control_plane: bool,
 }
 
 /// A running local cluster.
@@ -183,6 +197,7 @@ impl Cluster {
                 .map(Path::to_path_buf)
                 .into_iter()
                 .collect(),
+            control_plane: options.control_plane,
         };
         std::fs::create_dir_all(layout.state_dir())
             .map_err(io(format!("creating {}", layout.state_dir().display())))?;
@@ -235,6 +250,10 @@ impl Cluster {
             self.store.update_status(&key, status)?;
         }
 
+        if options.control_plane {
+            self.start_control_plane()?;
+        }
+
         let log = std::fs::File::create(layout.runner_log()).map_err(io("creating runner log"))?;
         let log_err = log.try_clone().map_err(io("creating runner log"))?;
         let child = Command::new(weft_exe)
@@ -263,6 +282,93 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    fn start_control_plane(&self) -> Result<(), Error> {
+        let layout = &self.layout;
+        let program = self
+            .description
+            .program_dirs
+            .iter()
+            .map(|d| d.join(CONTROLLER_PROGRAM))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::Runner(format!(
+                "{CONTROLLER_PROGRAM} not found in {:?} (build it with `cargo build -p weft-controller`)",
+                self.description.program_dirs
+            )))?;
+        let log = std::fs::File::create(layout.state_dir().join("controller.log"))
+            .map_err(io("creating controller log"))?;
+        let log_err = log.try_clone().map_err(io("creating controller log"))?;
+        let cp_ip = layout::control_plane_ip().to_string();
+        let mut cmd = netns::command_in(&layout.control_plane_netns(), &program);
+        cmd.arg("--files")
+            .arg(layout.store_dir())
+            .arg("--state-dir")
+            .arg(self.controller_state_dir())
+            .args(["--listen", &format!("0.0.0.0:{CONTROL_PLANE_PORT}")])
+            .args([
+                "--debug-listen",
+                &format!("0.0.0.0:{CONTROL_PLANE_DEBUG_PORT}"),
+            ])
+            .args(["--serving-ip", &format!("{cp_ip},127.0.0.1")])
+            .args([
+                "--serving-dns",
+                "weft-controller.istio-system.svc,localhost",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", program.display())))?;
+        std::fs::write(
+            layout.state_dir().join("controller.pid"),
+            child.id().to_string(),
+        )
+        .map_err(io("writing controller pid"))?;
+        // Ready when it listens (probed from inside the control-plane namespace).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = std::net::SocketAddr::from((layout::control_plane_ip(), CONTROL_PLANE_PORT));
+        loop {
+            let up = netns::within(&layout.control_plane_netns(), move || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            if Instant::now() > deadline || !process_alive(child.id() as i32) {
+                let log = std::fs::read_to_string(layout.state_dir().join("controller.log"))
+                    .unwrap_or_default();
+                return Err(Error::Runner(format!(
+                    "{CONTROLLER_PROGRAM} did not start: {}",
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The controller's state directory (CA root, bootstrap tokens).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        self.layout.state_dir().join("controller")
+    }
+
+    /// The control plane's xDS + CA address, as node components dial it.
+    pub fn control_plane_address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((layout::control_plane_ip(), CONTROL_PLANE_PORT))
+    }
+
+    /// The root bundle node components trust for the control plane and the mesh.
+    pub fn root_cert_path(&self) -> PathBuf {
+        self.controller_state_dir().join("ca").join("root-cert.pem")
+    }
+
+    /// Node `node`'s bootstrap token file.
+    pub fn node_token_path(&self, node: u8) -> PathBuf {
+        self.controller_state_dir()
+            .join("tokens")
+            .join(format!("{}.token", layout::node_name(node)))
     }
 
     /// Opens a cluster that is up.

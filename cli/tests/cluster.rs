@@ -611,3 +611,67 @@ fn without_root_cluster_commands_fail_with_one_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("needs root"), "{stderr}");
 }
+
+/// `GET path` on `addr` from inside a cluster namespace; returns the whole response text.
+fn http_get_in(netns: &str, addr: std::net::SocketAddr, path: &str) -> String {
+    let path = path.to_owned();
+    weft::cluster::netns::within(netns, move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = conn.read_to_string(&mut text);
+        text
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_control_plane_serves_the_cluster() {
+    if !root_or_skip("the_control_plane_serves_the_cluster") {
+        return;
+    }
+    let cluster = TestCluster::up("t-cp", 2);
+    assert!(cluster.description().control_plane);
+    // Node components get the address, the root bundle and a token per node.
+    assert_eq!(
+        cluster.control_plane_address().to_string(),
+        "10.240.0.2:15012"
+    );
+    let root = std::fs::read_to_string(cluster.root_cert_path()).unwrap();
+    assert!(root.starts_with("-----BEGIN CERTIFICATE-----"));
+    for node in 1..=2 {
+        let token = std::fs::read_to_string(cluster.node_token_path(node)).unwrap();
+        assert_eq!(token.trim().len(), 64, "node {node} token");
+    }
+    // The controller runs inside the control-plane namespace.
+    let pids = weft::cluster::netns::pids(&cluster.layout().control_plane_netns());
+    assert!(
+        !pids.is_empty(),
+        "controller process in the control-plane netns"
+    );
+
+    cluster.apply_yaml(&echo_manifests(2)).unwrap();
+    let servers = cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    // Reachable from a node over the cluster network, serving the cluster's workloads.
+    let debug = std::net::SocketAddr::from(([10, 240, 0, 2], cluster::CONTROL_PLANE_DEBUG_PORT));
+    let node = cluster.layout().node_netns(1);
+    wait_until("workloads in the controller", READY, || {
+        let text = http_get_in(
+            &node,
+            debug,
+            "/debug/resources?type=type.googleapis.com/istio.workload.Address",
+        );
+        servers
+            .iter()
+            .all(|p| text.contains(&format!("Kubernetes//Pod/a/{}", p.name())))
+            && text.contains("a/echo.a.svc.cluster.local")
+    });
+}

@@ -214,9 +214,11 @@ pub async fn run(
     );
     let ads = xds::Server::new(cache.clone(), registry.clone(), auth.clone());
     info!(listen = %config.listen, debug = %config.debug_listen, "controller ready");
-    // Graceful first (no new streams; open ones may finish), forced at the drain deadline:
-    // ADS streams are long-lived and would otherwise hold shutdown forever.
+    // Graceful first: ADS streams are ended cleanly (clients reconnect at once) and new ones
+    // refused; anything still open after the drain deadline is closed.
     let (fired_tx, mut fired_rx) = tokio::sync::watch::channel(false);
+    let ads_handle = ads.clone();
+    let deadline = config.drain_deadline;
     let server = tonic::transport::Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(chain, key)))?
         .add_service(ads.service())
@@ -224,13 +226,13 @@ pub async fn run(
         .serve_with_shutdown(config.listen, async move {
             shutdown.await;
             let _ = fired_tx.send(true);
+            ads_handle.shutdown(deadline).await;
         });
-    let deadline = config.drain_deadline;
     let result = tokio::select! {
         result = server => result.map_err(Error::from),
         () = async move {
             let _ = fired_rx.wait_for(|f| *f).await;
-            tokio::time::sleep(deadline).await;
+            tokio::time::sleep(deadline * 2).await;
         } => {
             warn!(deadline_s = deadline.as_secs_f64(), "open streams did not finish; closing them");
             Ok(())

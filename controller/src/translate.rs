@@ -102,7 +102,19 @@ pub fn translate(snapshot: &Snapshot, settings: &Settings) -> Output {
                 out.authorizations.insert(key, authorization);
             }
             Ok(None) => {}
-            Err(problem) => out.problems.push(problem.to_string()),
+            Err(problem) => {
+                // Fail closed: a policy that cannot be read exactly is published in its most
+                // restrictive form (ALLOW matching nothing, DENY matching everything) rather than
+                // dropped, which could open traffic it was meant to stop.
+                out.problems.push(problem.to_string());
+                if let Some(closed) = authz::fail_closed(policy, &settings.authz) {
+                    let key = format!("{}/{}", closed.namespace, closed.name);
+                    if closed.scope == weft_proto::istio::security::Scope::WorkloadSelector as i32 {
+                        selector_policies.push((key.clone(), policy.clone()));
+                    }
+                    out.authorizations.insert(key, closed);
+                }
+            }
         }
     }
     if !snapshot.peer_authentications.is_empty() {
