@@ -40,6 +40,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("grpc server")]
     Transport(#[from] tonic::transport::Error),
+    /// The CA could not be kept in Kubernetes.
+    #[error("ca persistence")]
+    Persist(#[from] ca::PersistError),
     /// A node account is not `namespace/name`.
     #[error("node account {0:?} is not namespace/service-account")]
     NodeAccount(String),
@@ -112,6 +115,27 @@ pub async fn translation_loop(
     }
 }
 
+/// Keeps ConfigMap `istio-ca-root-cert` in every namespace (Kubernetes source).
+async fn publish_root_everywhere(client: kube::Client, index: Arc<Index>, root: String) {
+    let mut changes = index.changes();
+    let mut done = std::collections::BTreeSet::new();
+    loop {
+        let namespaces: Vec<String> = index.read(|s| s.namespaces.keys().cloned().collect());
+        for ns in namespaces {
+            if done.contains(&ns) {
+                continue;
+            }
+            match ca::publish_root(&client, &ns, &root).await {
+                Ok(()) => drop(done.insert(ns)),
+                Err(err) => warn!(namespace = %ns, error = %err, "publishing root cert failed"),
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the controller until `shutdown` resolves.
 ///
 /// # Errors
@@ -122,6 +146,13 @@ pub async fn run(
 ) -> Result<(), Error> {
     let io = |what: String| move |source| Error::Io { what, source };
     info!(config = ?config, "starting");
+    let kube_client = match config.source() {
+        Source::Kubernetes => Some(kube::Client::try_default().await?),
+        Source::Files(_) => None,
+    };
+    if let Some(client) = &kube_client {
+        ca::restore_from_secret(client, &config.root_namespace, &config.ca_dir()).await?;
+    }
     let signer = Arc::new(Signer::load_or_create(
         &config.ca_dir(),
         &config.trust_domain,
@@ -162,7 +193,19 @@ pub async fn run(
             Arc::new(tokens)
         }
         Source::Kubernetes => {
-            let client = kube::Client::try_default().await?;
+            let client = match &kube_client {
+                Some(client) => client.clone(),
+                None => kube::Client::try_default().await?,
+            };
+            ca::save_to_secret(&client, &config.root_namespace, &config.ca_dir()).await?;
+            tokio::spawn(
+                publish_root_everywhere(
+                    client.clone(),
+                    index.clone(),
+                    signer.root_bundle_pem().to_owned(),
+                )
+                .instrument(info_span!("root_cert")),
+            );
             weft_k8s::apiserver::spawn_all(client.clone(), index.clone());
             Arc::new(TokenReviewer::new(
                 client,

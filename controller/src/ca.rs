@@ -177,3 +177,134 @@ impl IstioCertificateService for CaService {
         }))
     }
 }
+
+/// Name of the Secret holding the CA in the root namespace (Istio's self-signed CA secret).
+pub const CA_SECRET: &str = "istio-ca-secret";
+/// Name of the ConfigMap publishing the root bundle in each namespace.
+pub const ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
+/// Files mirrored between the state directory and the CA Secret.
+const CA_FILES: [&str; 3] = [ca::CA_CERT_FILE, ca::CA_KEY_FILE, ca::ROOT_CERT_FILE];
+
+/// Errors keeping the CA in Kubernetes.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The API server refused or failed a request.
+    #[error("kubernetes api")]
+    Kube(#[from] kube::Error),
+    /// A state file could not be read or written.
+    #[error("ca file {path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Makes the CA survive restarts on Kubernetes: if Secret `istio-ca-secret` exists in
+/// `namespace`, its files are written into `dir` (so [`Signer::load_or_create`] loads them);
+/// otherwise, after `dir` holds a CA (created locally if needed), the Secret is created from it.
+/// Use in this order: restore, [`Signer::load_or_create`], [`save_to_secret`].
+///
+/// # Errors
+/// [`PersistError`] when the API or the files fail.
+pub async fn restore_from_secret(
+    client: &kube::Client,
+    namespace: &str,
+    dir: &std::path::Path,
+) -> Result<bool, PersistError> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+    let Some(secret) = api.get_opt(CA_SECRET).await? else {
+        return Ok(false);
+    };
+    let data = secret.data.unwrap_or_default();
+    std::fs::create_dir_all(dir).map_err(|source| PersistError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    for file in CA_FILES {
+        if let Some(bytes) = data.get(file) {
+            let path = dir.join(file);
+            std::fs::write(&path, &bytes.0).map_err(|source| PersistError::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    info!(secret = CA_SECRET, namespace, "ca restored from secret");
+    Ok(true)
+}
+
+/// Creates Secret `istio-ca-secret` in `namespace` from the CA files in `dir` (no-op if it
+/// exists).
+///
+/// # Errors
+/// [`PersistError`] when the API or the files fail.
+pub async fn save_to_secret(
+    client: &kube::Client,
+    namespace: &str,
+    dir: &std::path::Path,
+) -> Result<(), PersistError> {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+    if api.get_opt(CA_SECRET).await?.is_some() {
+        return Ok(());
+    }
+    let mut data = std::collections::BTreeMap::new();
+    for file in CA_FILES {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).map_err(|source| PersistError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        data.insert(file.to_owned(), ByteString(bytes));
+    }
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(CA_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    api.create(&kube::api::PostParams::default(), &secret)
+        .await?;
+    info!(secret = CA_SECRET, namespace, "ca saved to secret");
+    Ok(())
+}
+
+/// Publishes the root bundle as ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in
+/// `namespace`, creating or replacing it.
+///
+/// # Errors
+/// [`PersistError::Kube`].
+pub async fn publish_root(
+    client: &kube::Client,
+    namespace: &str,
+    root_pem: &str,
+) -> Result<(), PersistError> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), namespace);
+    let config_map = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(ROOT_CERT_CONFIGMAP.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some([(ca::ROOT_CERT_FILE.to_owned(), root_pem.to_owned())].into()),
+        ..Default::default()
+    };
+    let params = kube::api::PatchParams::apply("weft-controller").force();
+    api.patch(
+        ROOT_CERT_CONFIGMAP,
+        &params,
+        &kube::api::Patch::Apply(&config_map),
+    )
+    .await?;
+    Ok(())
+}
