@@ -16,6 +16,8 @@ pub mod runner;
 pub mod store;
 
 use std::os::unix::process::CommandExt;
+
+use network::process_alive;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -653,16 +655,6 @@ pub fn pod_ready(pod: &Object) -> bool {
         .into_iter()
         .flatten()
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
-}
-
-fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// PIDs of runner daemons of this cluster: from the pid file and from a scan of `/proc` (a

@@ -130,21 +130,18 @@ pub fn kill_all(pids: &[i32]) {
         let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::time::Instant::now() < deadline
-        && pids
-            .iter()
-            .any(|p| kill(Pid::from_raw(*p), None).is_ok() && !is_zombie(*p))
-    {
+    while std::time::Instant::now() < deadline && pids.iter().any(|p| process_alive(*p)) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
-fn is_zombie(pid: i32) -> bool {
+/// Whether `pid` is a running (not zombie) process.
+pub fn process_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
-            s.rsplit(')')
+            !s.rsplit(')')
                 .next()
                 .is_some_and(|rest| rest.trim_start().starts_with('Z'))
         })
-        .unwrap_or(true)
+        .unwrap_or(false)
 }

@@ -34,14 +34,19 @@ pub struct ServicePort {
     pub endpoints: Vec<SocketAddrV4>,
 }
 
-fn chain_name(prefix: &str, key: &str) -> String {
-    // FNV-1a: stable across runs, short enough for iptables' 28-character chain names.
+/// FNV-1a 64: a stable name hash (not for security) for chain names and template hashes.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        hash ^= u64::from(b);
+    for b in bytes {
+        hash ^= u64::from(*b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("{prefix}-{:012X}", hash & 0xffff_ffff_ffff)
+    hash
+}
+
+fn chain_name(prefix: &str, key: &str) -> String {
+    // Stable across runs, short enough for iptables' 28-character chain names.
+    format!("{prefix}-{:012X}", fnv1a(key.as_bytes()) & 0xffff_ffff_ffff)
 }
 
 /// The `iptables-restore` input (table `nat`) for `services`, deleting any of our chains in

@@ -147,11 +147,7 @@ fn labels_match(labels: &Value, selector: &BTreeMap<String, String>) -> bool {
 
 fn template_hash(template: &Value) -> String {
     let text = serde_json::to_string(template).unwrap_or_default();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = proxy::fnv1a(text.as_bytes());
     // Kubernetes-style: lowercase consonants and digits, 10 characters.
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..10)
