@@ -323,6 +323,55 @@ fn pods_reach_services_and_pods_across_nodes() {
         !nat_rules(&cluster, 2).contains(&format!("{}:8080", ip_of(&victim)))
     });
 
+    // The CLI verbs over the same cluster: get, label, exec (exit code passes through), logs.
+    let cli = |args: &[&str]| {
+        let out = Command::new(WEFT)
+            .arg("cluster")
+            .arg(args[0])
+            .args(["--name", "t-e2e"])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = cli(&["get", "pods", "-A"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("client") && stdout.contains(remote.name()),
+        "{stdout}"
+    );
+    let (code, stdout, _) = cli(&["get", "svc", "-n", "a"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains(&vip), "{stdout}");
+    let (code, _, _) = cli(&["label", "namespace", "b", "istio.io/dataplane-mode=ambient"]);
+    assert_eq!(code, Some(0));
+    let ns_b = || {
+        cluster
+            .store()
+            .get(&ObjectKey::new("", "Namespace", None, "b"))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(
+        ns_b().0["metadata"]["labels"]["istio.io/dataplane-mode"],
+        "ambient"
+    );
+    let (code, _, _) = cli(&["label", "namespace", "b", "istio.io/dataplane-mode-"]);
+    assert_eq!(code, Some(0));
+    assert!(ns_b().0["metadata"]["labels"]["istio.io/dataplane-mode"].is_null());
+    let (code, _, _) = cli(&["exec", "b/client", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(code, Some(3), "exec passes the exit code through");
+    let (code, stdout, _) = cli(&["logs", &format!("a/{}", remote.name())]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("listening"), "{stdout}");
+    let (code, _, stderr) = cli(&["exec", "b/nope", "--", "true"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("b/nope"), "{stderr}");
+
     // Deleting the Service removes its DNAT rules on every node.
     assert!(nat_rules(&cluster, 1).contains(&vip));
     cluster
