@@ -384,3 +384,59 @@ async fn file_edits_reach_xds_clients_as_deltas() {
     );
     controller.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_ca_client_and_certificate_manager_work_against_the_controller() {
+    use std::sync::Arc;
+    use weft_core::ca_client;
+    use weft_core::cert_manager::{self, Manager};
+    let dir = tmp("ca-client");
+    std::fs::create_dir_all(dir.join("store")).unwrap();
+    std::fs::write(
+        dir.join("store/objects.yaml"),
+        format!(
+            "{OBJECTS}---\n{}",
+            pod("p1", "node-1", "echo", "10.244.1.5")
+        ),
+    )
+    .unwrap();
+    let controller = Controller::start(&dir).await;
+    let client = ca_client::Client::new(ca_client::Config {
+        address: format!("https://{}", controller.listen),
+        root_pem: controller.root(),
+        server_name: "localhost".into(),
+        token: ca_client::token_file(controller.state.join("tokens/node-1.token")),
+        cluster_id: "Kubernetes".into(),
+        ttl: Duration::from_secs(3600),
+        impersonate: true,
+    })
+    .unwrap();
+    let manager = Manager::new(Arc::new(client), cert_manager::Config::default());
+    let echo = SpiffeId::new("cluster.local", "a", "echo").unwrap();
+    let cert = within("certificate", manager.fetch_certificate(&echo))
+        .await
+        .unwrap();
+    assert_eq!(cert.identity(), &echo);
+    let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
+    assert!(lifetime <= Duration::from_secs(3600), "{lifetime:?}");
+
+    // An identity with no pod on node-1: refused, and the manager reports the CA's reason.
+    let nobody = SpiffeId::new("cluster.local", "a", "nobody").unwrap();
+    manager.prefetch(&nobody);
+    within("refusal recorded", async {
+        loop {
+            if let Some(error) = manager.state(&nobody).and_then(|s| s.last_error) {
+                assert!(
+                    error.contains("PermissionDenied") || error.contains("permission"),
+                    "{error}"
+                );
+                assert!(error.contains("node-1"), "{error}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(manager.current(&nobody).is_none());
+    controller.stop().await;
+}

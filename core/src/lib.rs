@@ -1,22 +1,28 @@
 //! Weft's shared data-plane core: what ztunnel and the waypoint both need.
 //!
 //! Owns SPIFFE identities ([`identity`]), key/CSR generation ([`csr`]), the CA signer the
-//! controller serves ([`ca`]), workload certificate parsing ([`certs`]) and rotation
-//! ([`cert_manager`]), rustls configs and SPIFFE verifiers ([`tls`]), HBONE — the HTTP/2
-//! `CONNECT`-over-mTLS tunnel — as server and pooled client ([`hbone`]), and the drain primitive
-//! every accept loop uses ([`drain`]).
+//! controller serves ([`ca`]) and the CA client proxies use ([`ca_client`]), workload certificate
+//! parsing ([`certs`]) and rotation ([`cert_manager`]), rustls configs and SPIFFE verifiers
+//! ([`tls`]), HBONE — the HTTP/2 `CONNECT`-over-mTLS tunnel — as server and pooled client
+//! ([`hbone`]), the delta xDS client ([`xds`]), the workload/service state and outbound routing
+//! decisions it feeds ([`state`]), L4 authorization ([`policy`]), and the drain primitive every
+//! accept loop uses ([`drain`]).
 //!
-//! Does not own: protobuf types (`weft-proto`), xDS, policy, sockets inside pod network
-//! namespaces (ztunnel), or anything Kubernetes.
+//! Does not own: protobuf types (`weft-proto`), sockets inside pod network namespaces
+//! (ztunnel), or anything Kubernetes.
 
 pub mod ca;
+pub mod ca_client;
 pub mod cert_manager;
 pub mod certs;
 pub mod csr;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod policy;
+pub mod state;
 pub mod tls;
+pub mod xds;
 
 pub use certs::WorkloadCertificate;
 pub use identity::SpiffeId;
