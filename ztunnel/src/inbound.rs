@@ -1,0 +1,136 @@
+//! Inbound HBONE for one pod (port 15008 inside its netns): the checks and status codes of the
+//! istio-ztunnel reference §1.6, then L4 authorization (§6) and the connection to the app.
+//!
+//! | Check | Failure |
+//! |---|---|
+//! | method `CONNECT`, parsable `ip:port` authority | 400 (by the HBONE server) |
+//! | the local workload is known | 503 |
+//! | the authority IP is the pod's own IP | 400 |
+//! | the target port is not one of ztunnel's own (15001/15006/15008) | 503 |
+//! | L4 authorization | 401 |
+//! | TCP connect to the app (source = the client's IP) | 503 |
+//!
+//! The 200 response carries the destination's `baggage`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::HeaderMap;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+use weft_core::hbone::headers::{BAGGAGE, Baggage};
+use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
+use weft_core::policy::{self, Verdict};
+use weft_core::state::{SELF_PORTS, Workload, WorkloadType};
+
+use crate::state::ProxyState;
+
+/// How long the app connect may take.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens the connection to the local app (in ztunnel: inside the pod netns, marked, with the
+/// client's IP as source).
+pub trait AppConnector: Send + Sync + 'static {
+    /// Connects to `dst`, from `source` when the platform allows it.
+    fn connect(&self, dst: SocketAddr, source: IpAddr) -> BoxFuture<'_, io::Result<TcpStream>>;
+}
+
+/// The inbound decision for one pod.
+pub struct Inbound<C> {
+    state: Arc<ProxyState>,
+    workload_uid: String,
+    connector: C,
+}
+
+impl<C: AppConnector> Inbound<C> {
+    /// Inbound for the pod whose WDS workload is `workload_uid`.
+    pub fn new(state: Arc<ProxyState>, workload_uid: String, connector: C) -> Self {
+        Inbound {
+            state,
+            workload_uid,
+            connector,
+        }
+    }
+
+    /// The pure part: checks, authorization and the app address, or the refusal.
+    fn check(&self, request: &ConnectRequest) -> Result<(SocketAddr, HeaderMap), Refusal> {
+        let inner = self.state.read();
+        let Some(local) = inner.workloads.workload(&self.workload_uid) else {
+            debug!(uid = %self.workload_uid, "refused: local workload unknown");
+            return Err(Refusal::Unavailable);
+        };
+        let Authority::Addr(dst) = request.authority else {
+            return Err(Refusal::BadRequest); // hostname targets need a waypoint (later)
+        };
+        if !local.ips.contains(&dst.ip()) {
+            debug!(dst.addr = %dst, "refused: authority is not this pod");
+            return Err(Refusal::BadRequest);
+        }
+        if SELF_PORTS.contains(&dst.port()) {
+            return Err(Refusal::Unavailable);
+        }
+        let conn = policy::Connection {
+            src_ip: request.peer_addr.ip(),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+            src_identity: Some(request.peer_identity.clone()),
+        };
+        if let Verdict::Deny(reason) = policy::evaluate(inner.policies.applicable(local), &conn) {
+            info!(
+                src.identity = %request.peer_identity,
+                dst.addr = %dst,
+                reason = %reason,
+                "connection denied"
+            );
+            return Err(Refusal::Unauthorized);
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(baggage) = baggage(local).to_header_value() {
+            headers.insert(BAGGAGE, baggage);
+        }
+        Ok((dst, headers))
+    }
+}
+
+/// The `baggage` describing a workload (reference §1.5).
+pub fn baggage(workload: &Workload) -> Baggage {
+    let kind = match workload.workload_type {
+        WorkloadType::Deployment => "deployment",
+        WorkloadType::CronJob => "cronjob",
+        WorkloadType::Job => "job",
+        WorkloadType::Pod => "pod",
+    };
+    let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    Baggage {
+        cluster_name: some(&workload.cluster_id),
+        namespace: some(&workload.namespace),
+        workload: some(&workload.workload_name).map(|name| (kind.to_owned(), name)),
+        service_name: some(&workload.canonical_name),
+        service_version: some(&workload.canonical_revision),
+        region: some(&workload.locality.region),
+        zone: some(&workload.locality.zone),
+    }
+}
+
+impl<C: AppConnector> Handler for Inbound<C> {
+    type Upstream = TcpStream;
+
+    async fn decide(&self, request: &ConnectRequest) -> Decision<TcpStream> {
+        let (dst, headers) = match self.check(request) {
+            Ok(ok) => ok,
+            Err(refusal) => return Decision::Refuse(refusal),
+        };
+        let source = request.peer_addr.ip();
+        match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connector.connect(dst, source)).await {
+            Ok(Ok(upstream)) => Decision::Accept { upstream, headers },
+            Ok(Err(err)) => {
+                debug!(dst.addr = %dst, error = %err, "app connect failed");
+                Decision::Refuse(Refusal::Unavailable)
+            }
+            Err(_) => Decision::Refuse(Refusal::Unavailable),
+        }
+    }
+}
