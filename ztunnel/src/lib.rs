@@ -5,5 +5,6 @@
 //! pod ([`inbound`]). Later: per-pod listeners, outbound and plaintext paths, telemetry, admin.
 
 pub mod inbound;
+pub mod outbound;
 pub mod state;
 pub mod zds;

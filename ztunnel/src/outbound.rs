@@ -1,0 +1,174 @@
+//! Outbound for one pod (port 15001 inside its netns): the original destination is routed with
+//! the core decision (istio-ztunnel reference §7.1) and the bytes carried over HBONE (to the
+//! destination pod's ztunnel or a waypoint) or plain TCP (non-mesh destinations, passthrough).
+//!
+//! HBONE requests carry the source's `baggage`, `forwarded: for="<client>"` (with
+//! `;host=<service>` when service-addressed) and a fresh `traceparent`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use http::HeaderMap;
+use tokio::net::TcpStream;
+use tracing::debug;
+use weft_core::hbone::headers::{BAGGAGE, FORWARDED, Forwarded, TRACEPARENT, TraceParent};
+use weft_core::hbone::{self, Key, Pool, PoolError};
+use weft_core::state::{Decision, random_below};
+
+use crate::inbound::baggage;
+use crate::state::ProxyState;
+
+/// Opens plain TCP connections from the pod (in ztunnel: inside the pod netns, marked).
+pub trait UpstreamConnector: Send + Sync + 'static {
+    /// Connects to `dst`.
+    fn connect(&self, dst: SocketAddr) -> BoxFuture<'_, io::Result<TcpStream>>;
+}
+
+/// Why an outbound connection was not carried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The source pod's workload is not (yet) known.
+    #[error("source workload {0} unknown")]
+    UnknownSource(String),
+    /// A self-call to ztunnel's own ports.
+    #[error("connection to ztunnel's own port {0} dropped")]
+    SelfCall(SocketAddr),
+    /// The service has no endpoint that may be chosen.
+    #[error("service {0} has no healthy endpoint")]
+    NoHealthyEndpoint(String),
+    /// The destination's waypoint could not be resolved.
+    #[error("waypoint for {0} unavailable")]
+    WaypointUnavailable(SocketAddr),
+    /// The HBONE stream could not be opened (connect, TLS, or a refusal status).
+    #[error("hbone to {target}")]
+    Hbone {
+        /// The HBONE next hop.
+        target: SocketAddr,
+        /// The cause.
+        #[source]
+        source: PoolError,
+    },
+    /// Plain TCP to the destination failed.
+    #[error("connecting to {target}")]
+    Connect {
+        /// The destination.
+        target: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Copying failed mid-stream.
+    #[error("copying")]
+    Copy(#[source] io::Error),
+}
+
+/// The outbound path of one pod.
+pub struct Outbound<C> {
+    state: Arc<ProxyState>,
+    workload_uid: String,
+    pool: Pool,
+    connector: C,
+    hbone_port: u16,
+}
+
+impl<C: UpstreamConnector> Outbound<C> {
+    /// Outbound for the pod whose workload is `workload_uid`, opening HBONE with `pool` (keyed by
+    /// the pod's identity) and plain TCP with `connector`.
+    pub fn new(state: Arc<ProxyState>, workload_uid: String, pool: Pool, connector: C) -> Self {
+        Outbound {
+            state,
+            workload_uid,
+            pool,
+            connector,
+            hbone_port: hbone::PORT,
+        }
+    }
+
+    /// The port destination ztunnels accept HBONE on (15008; tests running several ztunnels on
+    /// one address override it).
+    pub fn with_hbone_port(mut self, port: u16) -> Self {
+        self.hbone_port = port;
+        self
+    }
+
+    /// Routes and carries one accepted connection whose original destination is `dst`, until
+    /// both directions end. Returns bytes `(sent to the destination, received from it)`.
+    ///
+    /// # Errors
+    /// [`Error`]; the downstream connection is closed (the app sees EOF, as with ztunnel).
+    pub async fn proxy(
+        &self,
+        mut downstream: TcpStream,
+        dst: SocketAddr,
+    ) -> Result<(u64, u64), Error> {
+        let client = downstream.peer_addr().map_err(Error::Copy)?;
+        let (decision, identity, headers) = {
+            let inner = self.state.read();
+            let source = inner
+                .workloads
+                .workload(&self.workload_uid)
+                .cloned()
+                .ok_or_else(|| Error::UnknownSource(self.workload_uid.clone()))?;
+            let mut rng = random_below;
+            let decision = inner.workloads.outbound(&source, dst, &mut rng);
+            let mut headers = HeaderMap::new();
+            if let Some(value) = baggage(&source).to_header_value() {
+                headers.insert(BAGGAGE, value);
+            }
+            (decision, source.identity().clone(), headers)
+        };
+        let mut headers = headers;
+        headers.insert(TRACEPARENT, TraceParent::random().to_header_value());
+        match decision {
+            Decision::Hbone {
+                target,
+                authority,
+                expected_identities,
+                service,
+                ..
+            }
+            | Decision::Waypoint {
+                target,
+                authority,
+                expected_identities,
+                service,
+                ..
+            } => {
+                let target = SocketAddr::new(target.ip(), self.hbone_port);
+                let host = service.as_ref().map(|s| s.hostname.clone());
+                if let Some(value) = Forwarded::to_header_value(client, host.as_deref()) {
+                    headers.insert(FORWARDED, value);
+                }
+                let source_ip: Option<IpAddr> = None;
+                let key = Key::new(identity, expected_identities, target, source_ip);
+                debug!(dst.addr = %dst, dst.hbone_addr = %target, "outbound hbone");
+                let mut upstream = self
+                    .pool
+                    .connect(&key, &authority.to_string(), headers)
+                    .await
+                    .map_err(|source| Error::Hbone { target, source })?;
+                hbone::copy_bidirectional(&mut downstream, &mut upstream)
+                    .await
+                    .map_err(Error::Copy)
+            }
+            Decision::Tcp { target, .. } | Decision::Passthrough { target } => {
+                debug!(dst.addr = %dst, target = %target, "outbound tcp");
+                let mut upstream = self
+                    .connector
+                    .connect(target)
+                    .await
+                    .map_err(|source| Error::Connect { target, source })?;
+                hbone::copy_bidirectional(&mut downstream, &mut upstream)
+                    .await
+                    .map_err(Error::Copy)
+            }
+            Decision::NoHealthyEndpoint { service } => {
+                Err(Error::NoHealthyEndpoint(service.key().to_owned()))
+            }
+            Decision::WaypointUnavailable { .. } => Err(Error::WaypointUnavailable(dst)),
+            Decision::Drop => Err(Error::SelfCall(dst)),
+        }
+    }
+}

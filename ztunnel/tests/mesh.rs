@@ -1,0 +1,353 @@
+//! The L4 mesh in one process on loopback: a client pod's outbound path routes a service VIP to
+//! the server pod's inbound HBONE listener (real certificates, TLS, HTTP/2), with the state fed
+//! through the xDS handlers. Pods are distinct loopback addresses.
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weft_core::ca::{Config, Signer};
+use weft_core::cert_manager::LocalCa;
+use weft_core::hbone::{Pool, PoolConfig, Server, Settings, TcpConnector};
+use weft_core::xds::Update;
+use weft_core::{SpiffeId, drain};
+use weft_proto::istio::security::{
+    Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match,
+};
+use weft_proto::istio::workload::{
+    Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, address,
+};
+use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use ztunnel::inbound::{AppConnector, Inbound};
+use ztunnel::outbound::{Error as OutboundError, Outbound, UpstreamConnector};
+use ztunnel::state::ProxyState;
+
+const T: Duration = Duration::from_secs(10);
+const CLIENT_IP: [u8; 4] = [127, 0, 0, 2];
+const SERVER_IP: [u8; 4] = [127, 0, 0, 3];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+
+struct Plain;
+
+impl AppConnector for Plain {
+    fn connect(
+        &self,
+        dst: SocketAddr,
+        _: std::net::IpAddr,
+    ) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(dst))
+    }
+}
+
+impl UpstreamConnector for Plain {
+    fn connect(&self, dst: SocketAddr) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        Box::pin(TcpStream::connect(dst))
+    }
+}
+
+fn any(type_url: &str, name: &str, value: Vec<u8>) -> Update {
+    Update::Upsert {
+        name: name.into(),
+        version: "1".into(),
+        body: prost_types::Any {
+            type_url: type_url.into(),
+            value,
+        },
+    }
+}
+
+fn workload(
+    uid: &str,
+    ns: &str,
+    sa: &str,
+    ip: [u8; 4],
+    hbone: bool,
+    services: Vec<(&str, u32, u32)>,
+) -> Update {
+    let w = Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+        addresses: vec![ip.to_vec()],
+        tunnel_protocol: if hbone {
+            TunnelProtocol::Hbone as i32
+        } else {
+            TunnelProtocol::None as i32
+        },
+        services: services
+            .into_iter()
+            .map(|(key, port, target)| {
+                (
+                    key.to_owned(),
+                    PortList {
+                        ports: vec![Port {
+                            service_port: port,
+                            target_port: target,
+                            app_protocol: 0,
+                        }],
+                    },
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    any(
+        ADDRESS_TYPE_URL,
+        uid,
+        Address {
+            r#type: Some(address::Type::Workload(w)),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn service(target_port: u32) -> Update {
+    let s = Service {
+        name: "echo".into(),
+        namespace: "b".into(),
+        hostname: "echo.b.svc.cluster.local".into(),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: VIP.to_vec(),
+            length: None,
+        }],
+        ports: vec![Port {
+            service_port: 80,
+            target_port,
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    any(
+        ADDRESS_TYPE_URL,
+        "b/echo.b.svc.cluster.local",
+        Address {
+            r#type: Some(address::Type::Service(s)),
+        }
+        .encode_to_vec(),
+    )
+}
+
+async fn echo_app(ip: [u8; 4]) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = conn
+                    .write_all(format!("hello {}\n", peer.ip()).as_bytes())
+                    .await;
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Mesh {
+    state: Arc<ProxyState>,
+    outbound: Arc<Outbound<Plain>>,
+    app: SocketAddr,
+    _drain: drain::Trigger,
+}
+
+async fn mesh() -> Mesh {
+    let signer = Arc::new(Signer::generate_root("cluster.local", Config::default()).unwrap());
+    let ca = LocalCa::new(signer, Duration::from_secs(3600));
+    let client_id = SpiffeId::new("cluster.local", "a", "client").unwrap();
+    let server_id = SpiffeId::new("cluster.local", "b", "server").unwrap();
+    let app = echo_app(SERVER_IP).await;
+
+    // One state (as both ztunnels would receive the same xDS).
+    let state = ProxyState::new();
+    let handlers = state.handlers();
+    let rejected = handlers[0].apply(vec![
+        workload("cli", "a", "client", CLIENT_IP, true, vec![]),
+        workload(
+            "srv",
+            "b",
+            "server",
+            SERVER_IP,
+            true,
+            vec![("b/echo.b.svc.cluster.local", 80, u32::from(app.port()))],
+        ),
+        service(u32::from(app.port())),
+    ]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+
+    // The server pod's inbound HBONE listener.
+    let listener = TcpListener::bind(SocketAddr::from((SERVER_IP, 0)))
+        .await
+        .unwrap();
+    let hbone_port = listener.local_addr().unwrap().port();
+    let (trigger, watch) = drain::channel();
+    let server_cert = Arc::new(ca.issue(&server_id).unwrap());
+    let inbound = Inbound::new(state.clone(), "srv".into(), Plain);
+    tokio::spawn(
+        Arc::new(Server::new(
+            Settings::default(),
+            server_cert,
+            Arc::new(inbound),
+        ))
+        .serve(listener, watch),
+    );
+
+    // The client pod's outbound path with its own pool and certificate.
+    let client_cert = Arc::new(ca.issue(&client_id).unwrap());
+    let pool = Pool::new(
+        PoolConfig::default(),
+        Arc::new(TcpConnector),
+        Arc::new(client_cert),
+    );
+    let outbound = Arc::new(
+        Outbound::new(state.clone(), "cli".into(), pool, Plain).with_hbone_port(hbone_port),
+    );
+    Mesh {
+        state,
+        outbound,
+        app,
+        _drain: trigger,
+    }
+}
+
+/// Plays the app in the client pod: connects to a "15001" listener whose accepted connection is
+/// handed to the outbound path with `dst` as original destination.
+async fn app_connect(
+    mesh: &Mesh,
+    dst: SocketAddr,
+) -> (
+    TcpStream,
+    tokio::task::JoinHandle<Result<(u64, u64), OutboundError>>,
+) {
+    let capture = TcpListener::bind(SocketAddr::from((CLIENT_IP, 0)))
+        .await
+        .unwrap();
+    let addr = capture.local_addr().unwrap();
+    let outbound = mesh.outbound.clone();
+    let task = tokio::spawn(async move {
+        let (conn, _) = capture.accept().await.unwrap();
+        outbound.proxy(conn, dst).await
+    });
+    (TcpStream::connect(addr).await.unwrap(), task)
+}
+
+async fn read_line(stream: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while tokio::time::timeout(T, stream.read(&mut byte))
+        .await
+        .unwrap()
+        .unwrap()
+        == 1
+    {
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_vip_through_hbone_to_the_server() {
+    let mesh = mesh().await;
+    let (mut app, task) = app_connect(&mesh, SocketAddr::from((VIP, 80))).await;
+    let greeting = read_line(&mut app).await;
+    assert!(greeting.starts_with("hello "), "{greeting}");
+    app.write_all(b"marker-123\n").await.unwrap();
+    assert_eq!(read_line(&mut app).await, "marker-123");
+    app.shutdown().await.unwrap();
+    let (sent, received) = tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent, 11);
+    assert!(received >= 11 + greeting.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_connections_end_and_report_401() {
+    let mesh = mesh().await;
+    let deny = Authorization {
+        name: "deny-a".into(),
+        namespace: "b".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    namespaces: vec![StringMatch {
+                        match_type: Some(string_match::MatchType::Exact("a".into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    assert!(
+        mesh.state.handlers()[1]
+            .apply(vec![any(
+                AUTHORIZATION_TYPE_URL,
+                "b/deny-a",
+                deny.encode_to_vec()
+            )])
+            .is_empty()
+    );
+    let (mut app, task) = app_connect(&mesh, SocketAddr::from((VIP, 80))).await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(T, app.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the app sees the connection end without data");
+    let err = tokio::time::timeout(T, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    match err {
+        OutboundError::Hbone { source, .. } => {
+            assert_eq!(source.status(), Some(http::StatusCode::UNAUTHORIZED))
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_mesh_and_unknown_destinations_use_plain_tcp() {
+    let mesh = mesh().await;
+    // The server switched out of the mesh: plain TCP to podIP:targetPort.
+    assert!(
+        mesh.state.handlers()[0]
+            .apply(vec![workload(
+                "srv",
+                "b",
+                "server",
+                SERVER_IP,
+                false,
+                vec![("b/echo.b.svc.cluster.local", 80, u32::from(mesh.app.port()))]
+            )])
+            .is_empty()
+    );
+    let (mut app, _task) = app_connect(&mesh, SocketAddr::from((VIP, 80))).await;
+    assert!(read_line(&mut app).await.starts_with("hello 127.0.0."));
+    // An address the mesh does not know passes through unchanged.
+    let outside = echo_app([127, 0, 0, 9]).await;
+    let (mut app, _task) = app_connect(&mesh, outside).await;
+    assert!(read_line(&mut app).await.starts_with("hello "));
+    // A self-call is dropped.
+    let (_app, task) = app_connect(&mesh, "127.0.0.1:15001".parse().unwrap()).await;
+    assert!(matches!(
+        tokio::time::timeout(T, task).await.unwrap().unwrap(),
+        Err(OutboundError::SelfCall(_))
+    ));
+}
