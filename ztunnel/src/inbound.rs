@@ -26,6 +26,7 @@ use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 use weft_core::policy::{self, Verdict};
 use weft_core::state::{SELF_PORTS, Workload, WorkloadType};
 
+use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
 use crate::state::ProxyState;
 
 /// How long the app connect may take.
@@ -43,6 +44,7 @@ pub struct Inbound<C> {
     state: Arc<ProxyState>,
     workload_uid: String,
     connector: C,
+    metrics: Arc<Metrics>,
 }
 
 impl<C: AppConnector> Inbound<C> {
@@ -52,7 +54,35 @@ impl<C: AppConnector> Inbound<C> {
             state,
             workload_uid,
             connector,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Records telemetry into `metrics` (shared by every pod of this ztunnel).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Destination-reported labels for a request.
+    fn labels(&self, request: &ConnectRequest, response_flags: &'static str) -> TrafficLabels {
+        let inner = self.state.read();
+        let local = inner.workloads.workload(&self.workload_uid);
+        let network = local.map(|w| w.network.as_str()).unwrap_or_default();
+        let source = inner
+            .workloads
+            .workload_by_ip(network, request.peer_addr.ip());
+        TrafficLabels::new(
+            Reporter::Destination,
+            &ConnectionInfo {
+                source: source.map(AsRef::as_ref),
+                source_principal: Some(request.peer_identity.to_string()),
+                destination: local.map(AsRef::as_ref),
+                destination_service: None,
+                mutual_tls: true,
+                response_flags,
+            },
+        )
     }
 
     /// The pure part: checks, authorization and the app address, or the refusal.
@@ -121,16 +151,32 @@ impl<C: AppConnector> Handler for Inbound<C> {
     async fn decide(&self, request: &ConnectRequest) -> Decision<TcpStream> {
         let (dst, headers) = match self.check(request) {
             Ok(ok) => ok,
-            Err(refusal) => return Decision::Refuse(refusal),
+            Err(refusal) => {
+                if refusal == Refusal::Unauthorized {
+                    let labels = self.labels(request, "DENY");
+                    self.metrics.open(&labels);
+                    self.metrics.close(&labels, 0, 0);
+                }
+                return Decision::Refuse(refusal);
+            }
         };
         let source = request.peer_addr.ip();
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connector.connect(dst, source)).await {
-            Ok(Ok(upstream)) => Decision::Accept { upstream, headers },
+            Ok(Ok(upstream)) => {
+                self.metrics.open(&self.labels(request, "-"));
+                Decision::Accept { upstream, headers }
+            }
             Ok(Err(err)) => {
                 debug!(dst.addr = %dst, error = %err, "app connect failed");
                 Decision::Refuse(Refusal::Unavailable)
             }
             Err(_) => Decision::Refuse(Refusal::Unavailable),
         }
+    }
+
+    fn finished(&self, request: &ConnectRequest, result: &io::Result<(u64, u64)>) {
+        let (received, sent) = result.as_ref().map_or((0, 0), |r| *r);
+        self.metrics
+            .close(&self.labels(request, "-"), received, sent);
     }
 }

@@ -5,6 +5,7 @@
 //! pod ([`inbound`]). Later: per-pod listeners, outbound and plaintext paths, telemetry, admin.
 
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod state;
 pub mod zds;

@@ -18,6 +18,7 @@ use weft_core::hbone::{self, Key, Pool, PoolError};
 use weft_core::state::{Decision, random_below};
 
 use crate::inbound::baggage;
+use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
 use crate::state::ProxyState;
 
 /// Opens plain TCP connections from the pod (in ztunnel: inside the pod netns, marked).
@@ -71,6 +72,7 @@ pub struct Outbound<C> {
     pool: Pool,
     connector: C,
     hbone_port: u16,
+    metrics: Arc<Metrics>,
 }
 
 impl<C: UpstreamConnector> Outbound<C> {
@@ -83,7 +85,14 @@ impl<C: UpstreamConnector> Outbound<C> {
             pool,
             connector,
             hbone_port: hbone::PORT,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Records telemetry into `metrics` (shared by every pod of this ztunnel).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The port destination ztunnels accept HBONE on (15008; tests running several ztunnels on
@@ -104,7 +113,7 @@ impl<C: UpstreamConnector> Outbound<C> {
         dst: SocketAddr,
     ) -> Result<(u64, u64), Error> {
         let client = downstream.peer_addr().map_err(Error::Copy)?;
-        let (decision, identity, headers) = {
+        let (decision, identity, headers, source) = {
             let inner = self.state.read();
             let source = inner
                 .workloads
@@ -117,7 +126,39 @@ impl<C: UpstreamConnector> Outbound<C> {
             if let Some(value) = baggage(&source).to_header_value() {
                 headers.insert(BAGGAGE, value);
             }
-            (decision, source.identity().clone(), headers)
+            (decision, source.identity().clone(), headers, source)
+        };
+        let (destination, service) = match &decision {
+            Decision::Hbone {
+                destination,
+                service,
+                ..
+            }
+            | Decision::Tcp {
+                destination,
+                service,
+                ..
+            } => (Some(destination.clone()), service.clone()),
+            Decision::Waypoint {
+                waypoint, service, ..
+            } => (Some(waypoint.clone()), service.clone()),
+            _ => (None, None),
+        };
+        let principal = identity.to_string();
+        let labels = |mutual_tls: bool, flags: &'static str| {
+            TrafficLabels::new(
+                Reporter::Source,
+                &ConnectionInfo {
+                    source: Some(&source),
+                    source_principal: Some(principal.clone()),
+                    destination: destination.as_deref(),
+                    destination_service: service
+                        .as_ref()
+                        .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
+                    mutual_tls,
+                    response_flags: flags,
+                },
+            )
         };
         let mut headers = headers;
         headers.insert(TRACEPARENT, TraceParent::random().to_header_value());
@@ -144,14 +185,30 @@ impl<C: UpstreamConnector> Outbound<C> {
                 let source_ip: Option<IpAddr> = None;
                 let key = Key::new(identity, expected_identities, target, source_ip);
                 debug!(dst.addr = %dst, dst.hbone_addr = %target, "outbound hbone");
-                let mut upstream = self
+                let connected = self
                     .pool
                     .connect(&key, &authority.to_string(), headers)
-                    .await
-                    .map_err(|source| Error::Hbone { target, source })?;
-                hbone::copy_bidirectional(&mut downstream, &mut upstream)
-                    .await
-                    .map_err(Error::Copy)
+                    .await;
+                let mut upstream = match connected {
+                    Ok(upstream) => upstream,
+                    Err(source) => {
+                        let flags = if source.status() == Some(http::StatusCode::UNAUTHORIZED) {
+                            "DENY"
+                        } else {
+                            "CONNECT"
+                        };
+                        let l = labels(true, flags);
+                        self.metrics.open(&l);
+                        self.metrics.close(&l, 0, 0);
+                        return Err(Error::Hbone { target, source });
+                    }
+                };
+                let l = labels(true, "-");
+                self.metrics.open(&l);
+                let result = hbone::copy_bidirectional(&mut downstream, &mut upstream).await;
+                let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
+                self.metrics.close(&l, sent, received);
+                result.map_err(Error::Copy)
             }
             Decision::Tcp { target, .. } | Decision::Passthrough { target } => {
                 debug!(dst.addr = %dst, target = %target, "outbound tcp");
@@ -160,9 +217,12 @@ impl<C: UpstreamConnector> Outbound<C> {
                     .connect(target)
                     .await
                     .map_err(|source| Error::Connect { target, source })?;
-                hbone::copy_bidirectional(&mut downstream, &mut upstream)
-                    .await
-                    .map_err(Error::Copy)
+                let l = labels(false, "-");
+                self.metrics.open(&l);
+                let result = hbone::copy_bidirectional(&mut downstream, &mut upstream).await;
+                let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
+                self.metrics.close(&l, sent, received);
+                result.map_err(Error::Copy)
             }
             Decision::NoHealthyEndpoint { service } => {
                 Err(Error::NoHealthyEndpoint(service.key().to_owned()))

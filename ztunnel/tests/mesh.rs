@@ -24,6 +24,7 @@ use weft_proto::istio::workload::{
 };
 use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use ztunnel::inbound::{AppConnector, Inbound};
+use ztunnel::metrics::{self, Metrics};
 use ztunnel::outbound::{Error as OutboundError, Outbound, UpstreamConnector};
 use ztunnel::state::ProxyState;
 
@@ -153,6 +154,7 @@ async fn echo_app(ip: [u8; 4]) -> SocketAddr {
 
 struct Mesh {
     state: Arc<ProxyState>,
+    metrics: Arc<Metrics>,
     outbound: Arc<Outbound<Plain>>,
     app: SocketAddr,
     _drain: drain::Trigger,
@@ -189,7 +191,8 @@ async fn mesh() -> Mesh {
     let hbone_port = listener.local_addr().unwrap().port();
     let (trigger, watch) = drain::channel();
     let server_cert = Arc::new(ca.issue(&server_id).unwrap());
-    let inbound = Inbound::new(state.clone(), "srv".into(), Plain);
+    let metrics = Arc::new(Metrics::default());
+    let inbound = Inbound::new(state.clone(), "srv".into(), Plain).with_metrics(metrics.clone());
     tokio::spawn(
         Arc::new(Server::new(
             Settings::default(),
@@ -207,10 +210,13 @@ async fn mesh() -> Mesh {
         Arc::new(client_cert),
     );
     let outbound = Arc::new(
-        Outbound::new(state.clone(), "cli".into(), pool, Plain).with_hbone_port(hbone_port),
+        Outbound::new(state.clone(), "cli".into(), pool, Plain)
+            .with_hbone_port(hbone_port)
+            .with_metrics(metrics.clone()),
     );
     Mesh {
         state,
+        metrics,
         outbound,
         app,
         _drain: trigger,
@@ -271,6 +277,63 @@ async fn service_vip_through_hbone_to_the_server() {
         .unwrap();
     assert_eq!(sent, 11);
     assert!(received >= 11 + greeting.len() as u64);
+
+    // Both sides counted the connection as mutual TLS with the right principals.
+    let text = mesh_metrics(&mesh);
+    for reporter in ["source", "destination"] {
+        let opened = counter_line(&text, "istio_tcp_connections_opened_total", reporter);
+        assert!(
+            opened.contains("connection_security_policy=\"mutual_tls\""),
+            "{opened}"
+        );
+        assert!(
+            opened.contains("source_principal=\"spiffe://cluster.local/ns/a/sa/client\""),
+            "{opened}"
+        );
+        assert!(
+            opened.contains("destination_principal=\"spiffe://cluster.local/ns/b/sa/server\""),
+            "{opened}"
+        );
+        assert!(opened.ends_with(" 1"), "{opened}");
+    }
+    let source_bytes = counter_line(&text, "istio_tcp_received_bytes_total", "source");
+    assert!(source_bytes.ends_with(" 11"), "{source_bytes}");
+    let opened = counter_line(&text, "istio_tcp_connections_opened_total", "source");
+    assert!(
+        opened.contains("destination_service=\"echo.b.svc.cluster.local\""),
+        "{opened}"
+    );
+    // The destination reports its close once the stream ends (asynchronously).
+    tokio::time::timeout(T, async {
+        loop {
+            let text = mesh_metrics(&mesh);
+            if text.lines().any(|l| {
+                l.starts_with("istio_tcp_received_bytes_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.ends_with(" 11")
+            }) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn mesh_metrics(mesh: &Mesh) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    mesh.metrics.register(&mut registry);
+    metrics::encode(&registry)
+}
+
+fn counter_line(text: &str, name: &str, reporter: &str) -> String {
+    text.lines()
+        .find(|l| {
+            l.starts_with(&format!("{name}{{")) && l.contains(&format!("reporter=\"{reporter}\""))
+        })
+        .unwrap_or_else(|| panic!("no {name} for reporter {reporter} in:\n{text}"))
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,6 +382,11 @@ async fn denied_connections_end_and_report_401() {
             assert_eq!(source.status(), Some(http::StatusCode::UNAUTHORIZED))
         }
         other => panic!("expected a 401, got {other:?}"),
+    }
+    let text = mesh_metrics(&mesh);
+    for reporter in ["source", "destination"] {
+        let closed = counter_line(&text, "istio_tcp_connections_closed_total", reporter);
+        assert!(closed.contains("response_flags=\"DENY\""), "{closed}");
     }
 }
 
