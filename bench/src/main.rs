@@ -1,7 +1,9 @@
-//! `weft-bench`: Weft data-plane benchmarks, one scenario per subcommand.
+//! `weft-bench`: Weft benchmarks, one scenario per subcommand.
 //!
 //! * `hbone`: single-stream loopback throughput of plain TCP, plain mTLS and HBONE.
-//! * `run`: every scenario in turn (for now only `hbone`).
+//! * `controller`: the control plane on a synthetic cluster: full translation time,
+//!   change-to-delta latency with N connected delta ADS clients, resident memory.
+//! * `run`: every scenario in turn (`hbone`, then `controller`).
 //!
 //! Results go to stdout as a Markdown table and to `bench/results/<scenario>-<unix-time>.json`.
 
@@ -9,18 +11,20 @@
 // binary, so the workspace's `print_stdout` lint does not apply here.
 #![allow(clippy::print_stdout)]
 
+mod controller;
 mod hbone;
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use tokio::runtime::Runtime;
 
 /// Tokio worker threads for every scenario: sender, proxies and receiver share them.
 const WORKER_THREADS: usize = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "weft-bench", version, about = "Weft data-plane benchmarks")]
+#[command(name = "weft-bench", version, about = "Weft benchmarks")]
 struct Cli {
     /// Directory the JSON results are written to.
     #[arg(long, global = true, default_value_os_t = default_results_dir())]
@@ -34,15 +38,20 @@ struct Cli {
 enum Command {
     /// Single-stream loopback throughput: plain TCP vs plain mTLS vs HBONE.
     Hbone(hbone::Args),
-    /// Every scenario in turn (for now: hbone).
+    /// Control plane: full translation, change-to-delta latency with N ADS clients, memory.
+    Controller(controller::Args),
+    /// Every scenario in turn: hbone, then controller.
     Run(RunArgs),
 }
 
 /// Arguments of `run`: those of every scenario it runs.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "hbone")]
     hbone: hbone::Args,
+
+    #[command(flatten, next_help_heading = "controller")]
+    controller: controller::Args,
 }
 
 fn default_results_dir() -> PathBuf {
@@ -55,13 +64,33 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()?;
-    let hbone_args = match cli.command {
-        Command::Hbone(args) => args,
-        Command::Run(args) => args.hbone,
-    };
-    let result = runtime.block_on(hbone::run(&hbone_args))?;
+    match cli.command {
+        Command::Hbone(args) => run_hbone(&runtime, &args, &cli.results_dir),
+        Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
+        Command::Run(args) => {
+            run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
+            println!();
+            run_controller(&runtime, &args.controller, &cli.results_dir)
+        }
+    }
+}
+
+fn run_hbone(runtime: &Runtime, args: &hbone::Args, results_dir: &Path) -> anyhow::Result<()> {
+    let result = runtime.block_on(hbone::run(args))?;
     report::print_hbone(&result);
-    let path = report::write_hbone_json(&result, &cli.results_dir)?;
+    let path = report::write_hbone_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_controller(
+    runtime: &Runtime,
+    args: &controller::Args,
+    results_dir: &Path,
+) -> anyhow::Result<()> {
+    let result = runtime.block_on(controller::run(args))?;
+    controller::print(&result);
+    let path = controller::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
