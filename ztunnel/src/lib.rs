@@ -1,11 +1,16 @@
 //! Weft's ztunnel: the node L4 proxy (being built).
 //!
 //! Owns the ZDS client ([`zds`]) that receives enrolled pods' network namespaces from the node
-//! agent, the mesh state fed by workload xDS ([`state`]), and the inbound HBONE decision for a
-//! pod ([`inbound`]). Later: per-pod listeners, outbound and plaintext paths, telemetry, admin.
+//! agent, the mesh state fed by workload xDS ([`state`]), sockets inside pod network namespaces
+//! ([`netns`], [`socket`]: `setns` on a dedicated thread, `SO_MARK`, transparent binds, original
+//! destination), the inbound HBONE decision ([`inbound`]) and the outbound path ([`outbound`])
+//! for a pod, and TCP telemetry ([`metrics`]). Later: per-pod listener assembly, plaintext
+//! inbound, admin, the binary.
 
 pub mod inbound;
 pub mod metrics;
+pub mod netns;
 pub mod outbound;
+pub mod socket;
 pub mod state;
 pub mod zds;
