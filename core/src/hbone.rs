@@ -23,6 +23,7 @@ pub use pool::{
 };
 pub use server::{
     Authority, ConnectRequest, Decision, Error as ServerError, Handler, Refusal, Server,
+    ServerCertificate,
 };
 pub use settings::Settings;
 pub use stream::{Stream, copy_bidirectional};

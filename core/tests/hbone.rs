@@ -504,3 +504,55 @@ async fn non_connect_and_portless_requests_get_400() {
         "rejected before the handler"
     );
 }
+
+/// A certificate source that can be swapped, as rotation does.
+#[derive(Clone)]
+struct Swappable(Arc<std::sync::Mutex<Arc<WorkloadCertificate>>>);
+
+impl weft_core::hbone::ServerCertificate for Swappable {
+    fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        Some(self.0.lock().unwrap().clone())
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_server_certificate_is_used_by_new_connections() {
+    let signer = signer();
+    let first = issue(&signer, SERVER_ID);
+    let rotated = issue(&signer, "spiffe://cluster.local/ns/b/sa/rotated");
+    let source = Swappable(Arc::new(std::sync::Mutex::new(first)));
+    let handler = Arc::new(Forward::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_trigger, watch) = drain::channel();
+    tokio::spawn(
+        Arc::new(Server::new(Settings::default(), source.clone(), handler)).serve(listener, watch),
+    );
+    let upstream = echo_upstream().await;
+    let client_cert = issue(&signer, CLIENT_ID);
+    let connect = |expected: &str| {
+        let pool = pool_for(client_cert.clone(), PoolConfig::default());
+        let key = Key::new(
+            client_cert.identity().clone(),
+            vec![id(expected)],
+            addr,
+            None,
+        );
+        async move {
+            pool.connect(&key, &upstream.to_string(), HeaderMap::new())
+                .await
+        }
+    };
+    within("first cert", connect(SERVER_ID)).await.unwrap();
+    *source.0.lock().unwrap() = rotated;
+    within(
+        "rotated cert",
+        connect("spiffe://cluster.local/ns/b/sa/rotated"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        within("old identity", connect(SERVER_ID)).await.is_err(),
+        "the old certificate is no longer presented"
+    );
+}

@@ -105,6 +105,9 @@ pub trait Handler: Send + Sync + 'static {
 /// Errors serving one HBONE connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// No certificate is available for the server's identity (e.g. not fetched yet, or expired).
+    #[error("no server certificate available")]
+    NoCertificate,
     /// The server certificate could not be turned into a TLS config.
     #[error("server tls config")]
     Config(#[source] tls::Error),
@@ -148,21 +151,41 @@ pub enum Error {
     },
 }
 
+/// Supplies the certificate a server presents, looked up for every new connection so rotated
+/// certificates take effect without restarting listeners.
+pub trait ServerCertificate: Send + Sync + 'static {
+    /// The certificate to present now, if one is available.
+    fn current(&self) -> Option<Arc<WorkloadCertificate>>;
+}
+
+impl ServerCertificate for Arc<WorkloadCertificate> {
+    fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        Some(self.clone())
+    }
+}
+
+impl ServerCertificate for (crate::cert_manager::Manager, SpiffeId) {
+    fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        self.0.current(&self.1)
+    }
+}
+
 /// An HBONE server for one workload identity.
 pub struct Server<H> {
     settings: Settings,
-    certificate: Arc<WorkloadCertificate>,
+    certificate: Box<dyn ServerCertificate>,
     handler: Arc<H>,
 }
 
 // === impl Server ===
 
 impl<H: Handler> Server<H> {
-    /// A server presenting `certificate` and asking `handler` about each stream.
-    pub fn new(settings: Settings, certificate: Arc<WorkloadCertificate>, handler: Arc<H>) -> Self {
+    /// A server presenting `certificate` (a fixed one, or a source such as the certificate
+    /// manager) and asking `handler` about each stream.
+    pub fn new(settings: Settings, certificate: impl ServerCertificate, handler: Arc<H>) -> Self {
         Server {
             settings,
-            certificate,
+            certificate: Box::new(certificate),
             handler,
         }
     }
@@ -221,7 +244,8 @@ impl<H: Handler> Server<H> {
             source,
         })?;
         let _ = tcp.set_nodelay(true);
-        let config = tls::server_config(&self.certificate).map_err(Error::Config)?;
+        let certificate = self.certificate.current().ok_or(Error::NoCertificate)?;
+        let config = tls::server_config(&certificate).map_err(Error::Config)?;
         let handshake = async {
             let tls = TlsAcceptor::from(config)
                 .accept(tcp)
