@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;
+pub mod pod;
 pub mod socket;
 pub mod state;
 pub mod zds;

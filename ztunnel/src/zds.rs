@@ -49,8 +49,9 @@ pub struct Pod {
 /// What ztunnel does with the pods it is told about. Errors are returned to the agent as NACK
 /// text; the agent retries.
 pub trait Manager: Send + 'static {
-    /// Starts (or keeps, if already running in the same netns) the proxy for a pod.
-    fn add(&mut self, pod: Pod) -> Result<(), String>;
+    /// Starts (or keeps, if already running in the same netns) the proxy for a pod; may wait
+    /// (e.g. for the pod's workload or certificate) before answering.
+    fn add(&mut self, pod: Pod) -> futures::future::BoxFuture<'_, Result<(), String>>;
     /// Stops a pod's proxy (drains immediately).
     fn remove(&mut self, uid: &str);
     /// After a snapshot: stops every proxy whose uid is not in `keep`.
@@ -241,11 +242,13 @@ pub async fn serve_connection(path: &Path, manager: &mut dyn Manager) -> Result<
                 let netns = fds.remove(0); // extra fds are closed on drop
                 mentioned.insert(add.uid.clone());
                 debug!(uid = %add.uid, pod = %info.name, namespace = %info.namespace, "zds add");
-                let result = manager.add(Pod {
-                    uid: add.uid,
-                    info,
-                    netns,
-                });
+                let result = manager
+                    .add(Pod {
+                        uid: add.uid,
+                        info,
+                        netns,
+                    })
+                    .await;
                 conn.ack(result.err()).await?;
             }
             Some(Payload::Keep(keep)) => {

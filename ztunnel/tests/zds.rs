@@ -36,7 +36,7 @@ enum Event {
 struct Recorder(Arc<Mutex<Vec<Event>>>);
 
 impl Manager for Recorder {
-    fn add(&mut self, pod: Pod) -> Result<(), String> {
+    fn add(&mut self, pod: Pod) -> futures::future::BoxFuture<'_, Result<(), String>> {
         let inode = std::fs::metadata(format!("/proc/self/fd/{}", pod.netns.as_raw_fd()))
             .unwrap()
             .ino();
@@ -45,7 +45,7 @@ impl Manager for Recorder {
             name: pod.info.name,
             netns_inode: inode,
         });
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
     fn remove(&mut self, uid: &str) {
         self.0.lock().unwrap().push(Event::Remove(uid.to_owned()));
