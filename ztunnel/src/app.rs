@@ -1,0 +1,314 @@
+//! Wiring: xDS → state; certificate manager → CA; ZDS → per-pod proxies; admin, metrics and
+//! readiness endpoints; drain on shutdown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{Instrument, info, info_span, warn};
+use weft_core::{ca_client, cert_manager, drain, xds};
+
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::netns::InpodNetns;
+use crate::pod::{PodProxy, Shared};
+use crate::state::ProxyState;
+use crate::zds::{self, Pod};
+
+/// Errors starting ztunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// ztunnel cannot enter network namespaces (needs CAP_SYS_ADMIN).
+    #[error("entering network namespaces")]
+    Netns(#[source] std::io::Error),
+    /// A file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The xDS client configuration is invalid.
+    #[error("xds client")]
+    Xds(#[from] xds::ConfigError),
+    /// The CA client configuration is invalid.
+    #[error("ca client")]
+    Ca(#[from] ca_client::Error),
+    /// A listener could not be bound.
+    #[error("binding {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node agent broke the ZDS protocol.
+    #[error(transparent)]
+    Zds(#[from] zds::Error),
+}
+
+/// Pods handed over by the node agent, each with its running proxy.
+struct PodManager {
+    shared: Arc<Shared>,
+    pods: HashMap<String, PodProxy>,
+    snapshot_applied: Arc<AtomicBool>,
+}
+
+impl zds::Manager for PodManager {
+    fn add(&mut self, pod: Pod) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let netns = InpodNetns::new(pod.netns).map_err(|e| format!("pod netns: {e}"))?;
+            if self
+                .pods
+                .get(&pod.uid)
+                .is_some_and(|p| p.netns == netns.id())
+            {
+                return Ok(()); // same pod, same netns: nothing to do
+            }
+            self.pods.remove(&pod.uid); // a new netns replaces the old proxy
+            let proxy = PodProxy::start(self.shared.clone(), pod.info, netns)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            self.pods.insert(pod.uid, proxy);
+            Ok(())
+        })
+    }
+
+    fn remove(&mut self, uid: &str) {
+        self.pods.remove(uid);
+    }
+
+    fn reconcile(&mut self, keep: &BTreeSet<String>) {
+        self.pods.retain(|uid, _| keep.contains(uid));
+        self.snapshot_applied.store(true, Ordering::SeqCst);
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
+
+/// Serves `GET <path>` with `handler` until the drain starts.
+async fn serve_http(listener: TcpListener, handler: Handler, mut drain: drain::Watch) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(_) => continue,
+            },
+            () = drain.signaled() => return,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (status, content_type, body) = handler(request.uri().path());
+                    let response = Response::builder()
+                        .status(status)
+                        .header("content-type", content_type)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default();
+                    async move { Ok::<_, Infallible>(response) }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Runs ztunnel until `shutdown` resolves.
+///
+/// # Errors
+/// [`Error`] when a component cannot start, or a fatal ZDS protocol error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    info!(config = ?config, "starting");
+    crate::netns::init().map_err(Error::Netns)?;
+    let root_pem = std::fs::read_to_string(&config.root_cert).map_err(|source| Error::Read {
+        path: config.root_cert.display().to_string(),
+        source,
+    })?;
+    let (trigger, watch) = drain::channel();
+
+    let state = ProxyState::new();
+    let mut xds_config = xds::Config::new(config.xds_address.clone());
+    xds_config.tls = Some(xds::Tls {
+        root_pem: root_pem.clone(),
+        server_name: Some(config.server_name.clone()),
+    });
+    xds_config.token = Some(Arc::new(xds::FileToken {
+        path: config.token.clone(),
+    }));
+    xds_config.cluster_id = config.cluster_id.clone();
+    xds_config.node = xds::NodeInfo {
+        id: config.node_id(),
+        metadata: [
+            ("NAME".to_owned(), config.pod_name.clone()),
+            ("NAMESPACE".to_owned(), config.pod_namespace.clone()),
+            ("INSTANCE_IPS".to_owned(), config.instance_ip.clone()),
+            ("NODE_NAME".to_owned(), config.node_name.clone()),
+        ]
+        .into(),
+    };
+    let client = xds::Client::new(xds_config, state.handlers())?;
+    let xds_handle = client.handle();
+    client.spawn(watch.clone());
+
+    let ca = ca_client::Client::new(ca_client::Config {
+        address: config
+            .ca_address
+            .clone()
+            .unwrap_or_else(|| config.xds_address.clone()),
+        root_pem,
+        server_name: config.server_name.clone(),
+        token: ca_client::token_file(config.token.clone()),
+        cluster_id: config.cluster_id.clone(),
+        ttl: config.secret_ttl,
+        impersonate: true,
+    })?;
+    let certificates = cert_manager::Manager::new(Arc::new(ca), cert_manager::Config::default());
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let snapshot_applied = Arc::new(AtomicBool::new(false));
+    let ready = {
+        let xds = xds_handle.clone();
+        let snapshot = snapshot_applied.clone();
+        move || xds.is_ready() && snapshot.load(Ordering::SeqCst)
+    };
+    let readiness: Handler = Arc::new(move |path| match path {
+        "/healthz/ready" if ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
+        "/healthz/ready" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "not ready, pending: xds snapshot and zds snapshot\n".into(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    });
+    let stats: Handler = {
+        let registry = registry.clone();
+        Arc::new(move |path| match path {
+            "/metrics" | "/stats/prometheus" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::encode(&registry),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    let admin: Handler = {
+        let state = state.clone();
+        let certificates = certificates.clone();
+        Arc::new(move |path| match path {
+            "/config_dump" => {
+                let inner = state.read();
+                let workloads: Vec<serde_json::Value> = inner
+                    .workloads
+                    .workloads()
+                    .map(|w| serde_json::json!({
+                        "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                        "addresses": w.ips, "node": w.node, "identity": w.identity().to_string(),
+                        "protocol": format!("{:?}", w.tunnel), "healthy": w.healthy,
+                    }))
+                    .collect();
+                let services: Vec<serde_json::Value> = inner
+                    .workloads
+                    .services()
+                    .map(|s| serde_json::json!({"name": s.name, "namespace": s.namespace, "hostname": s.hostname}))
+                    .collect();
+                let policies: Vec<String> =
+                    inner.policies.iter().map(|p| p.key().to_owned()).collect();
+                let certs: Vec<serde_json::Value> = certificates
+                    .identities()
+                    .into_iter()
+                    .map(|id| {
+                        let state = certificates.state(&id).unwrap_or_default();
+                        serde_json::json!({
+                            "identity": id.to_string(),
+                            "state": if state.certificate.is_some() { "available" } else { "pending" },
+                            "last_error": state.last_error.as_deref(),
+                        })
+                    })
+                    .collect();
+                let dump = serde_json::json!({"workloads": workloads, "services": services, "policies": policies, "certificates": certs});
+                (
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_string_pretty(&dump).unwrap_or_default(),
+                )
+            }
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    tokio::spawn(
+        serve_http(bind(config.readiness).await?, readiness, watch.clone())
+            .instrument(info_span!("readiness")),
+    );
+    tokio::spawn(
+        serve_http(bind(config.stats).await?, stats, watch.clone()).instrument(info_span!("stats")),
+    );
+    tokio::spawn(
+        serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
+    );
+
+    let shared = Arc::new(Shared {
+        state,
+        certificates,
+        metrics,
+        start_timeout: config.pod_start_timeout,
+    });
+    let manager = PodManager {
+        shared,
+        pods: HashMap::new(),
+        snapshot_applied,
+    };
+    // The ZDS client starts only after the first xDS sync (reference §4.3).
+    let zds = async {
+        if xds_handle.ready().await.is_err() {
+            return Ok(());
+        }
+        info!("xds synced; connecting to the node agent");
+        zds::run(config.zds_socket.clone(), Box::new(manager), watch.clone()).await
+    };
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        result = zds.instrument(info_span!("zds")) => result.map_err(Error::from),
+        () = &mut shutdown => Ok(()),
+    };
+    info!("draining");
+    if trigger.drain(Duration::from_secs(5)).await == drain::Outcome::Forced {
+        warn!("drain deadline passed; closing the rest");
+    }
+    result
+}

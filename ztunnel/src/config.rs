@@ -1,0 +1,130 @@
+//! ztunnel's one `Config`, from flags or the environment variables Istio's ztunnel reads.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms or 5s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
+/// Everything ztunnel is configured with.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ztunnel", version, about = "Weft's node L4 proxy")]
+pub struct Config {
+    /// Delta ADS address of the controller (`https://host:15012`).
+    #[arg(long, env = "XDS_ADDRESS", default_value = "https://localhost:15012")]
+    pub xds_address: String,
+    /// CA address (default: the xDS address).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots verifying the controller (and the mesh root bundle's issuer).
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub root_cert: PathBuf,
+    /// Name verified in the controller's serving certificate.
+    #[arg(
+        long,
+        env = "ALT_XDS_HOSTNAME",
+        default_value = "weft-controller.istio-system.svc"
+    )]
+    pub server_name: String,
+    /// Bearer token file, re-read for every request.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub token: PathBuf,
+    /// `clusterid` sent to the controller.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// The node this ztunnel serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// ztunnel's own IP (for the xDS node id).
+    #[arg(long, env = "INSTANCE_IP", default_value = "1.1.1.1")]
+    pub instance_ip: String,
+    /// ztunnel's pod name.
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    /// ztunnel's pod namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    /// ZDS socket the node agent listens on.
+    #[arg(long, env = "INPOD_UDS", default_value = crate::zds::DEFAULT_SOCKET)]
+    pub zds_socket: PathBuf,
+    /// Admin endpoint (`/config_dump`, `/quitquitquit`); localhost only.
+    #[arg(long, env = "WEFT_ZTUNNEL_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Metrics endpoint (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "WEFT_ZTUNNEL_STATS", default_value = "0.0.0.0:15020")]
+    pub stats: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "WEFT_ZTUNNEL_READINESS", default_value = "0.0.0.0:15021")]
+    pub readiness: SocketAddr,
+    /// How long a pod may wait for its workload and certificate before its add is refused.
+    #[arg(long, env = "WEFT_ZTUNNEL_POD_START_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub pod_start_timeout: Duration,
+    /// Requested workload certificate validity.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub secret_ttl: Duration,
+}
+
+impl Config {
+    /// The xDS node id ztunnel sends (`ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`).
+    pub fn node_id(&self) -> String {
+        format!(
+            "ztunnel~{}~{}.{}~{}.svc.cluster.local",
+            self.instance_ip, self.pod_name, self.pod_namespace, self.pod_namespace
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_and_node_id() {
+        let config = Config::try_parse_from([
+            "ztunnel",
+            "--node-name",
+            "node-1",
+            "--instance-ip",
+            "10.240.0.11",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.node_id(),
+            "ztunnel~10.240.0.11~ztunnel.istio-system~istio-system.svc.cluster.local"
+        );
+        assert_eq!(config.secret_ttl, Duration::from_secs(86400));
+        assert_eq!(
+            config.zds_socket,
+            PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+        );
+        assert!(
+            Config::try_parse_from(["ztunnel"]).is_err(),
+            "node name is required"
+        );
+    }
+}
