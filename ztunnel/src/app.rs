@@ -282,11 +282,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
     );
 
+    let tracker = crate::conntrack::Tracker::new();
+    tokio::spawn(
+        tracker
+            .clone()
+            .watch(state.clone())
+            .instrument(info_span!("policy_recheck")),
+    );
     let shared = Arc::new(Shared {
         state,
         certificates,
         metrics,
         start_timeout: config.pod_start_timeout,
+        tracker,
     });
     let manager = PodManager {
         shared,

@@ -26,6 +26,7 @@ use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 use weft_core::policy::{self, Verdict};
 use weft_core::state::{SELF_PORTS, Workload, WorkloadType};
 
+use crate::conntrack::{Revocable, Tracker};
 use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
 use crate::state::ProxyState;
 
@@ -45,6 +46,7 @@ pub struct Inbound<C> {
     workload_uid: String,
     connector: C,
     metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
 }
 
 impl<C: AppConnector> Inbound<C> {
@@ -55,7 +57,14 @@ impl<C: AppConnector> Inbound<C> {
             workload_uid,
             connector,
             metrics: Arc::new(Metrics::default()),
+            tracker: Tracker::new(),
         }
+    }
+
+    /// Tracks accepted connections in `tracker` so policy changes can close them.
+    pub fn with_tracker(mut self, tracker: Arc<Tracker>) -> Self {
+        self.tracker = tracker;
+        self
     }
 
     /// Records telemetry into `metrics` (shared by every pod of this ztunnel).
@@ -86,7 +95,10 @@ impl<C: AppConnector> Inbound<C> {
     }
 
     /// The pure part: checks, authorization and the app address, or the refusal.
-    fn check(&self, request: &ConnectRequest) -> Result<(SocketAddr, HeaderMap), Refusal> {
+    fn check(
+        &self,
+        request: &ConnectRequest,
+    ) -> Result<(SocketAddr, HeaderMap, policy::Connection), Refusal> {
         let inner = self.state.read();
         let Some(local) = inner.workloads.workload(&self.workload_uid) else {
             debug!(uid = %self.workload_uid, "refused: local workload unknown");
@@ -121,7 +133,7 @@ impl<C: AppConnector> Inbound<C> {
         if let Some(baggage) = baggage(local).to_header_value() {
             headers.insert(BAGGAGE, baggage);
         }
-        Ok((dst, headers))
+        Ok((dst, headers, conn))
     }
 }
 
@@ -146,10 +158,10 @@ pub fn baggage(workload: &Workload) -> Baggage {
 }
 
 impl<C: AppConnector> Handler for Inbound<C> {
-    type Upstream = TcpStream;
+    type Upstream = Revocable<TcpStream>;
 
-    async fn decide(&self, request: &ConnectRequest) -> Decision<TcpStream> {
-        let (dst, headers) = match self.check(request) {
+    async fn decide(&self, request: &ConnectRequest) -> Decision<Revocable<TcpStream>> {
+        let (dst, headers, conn) = match self.check(request) {
             Ok(ok) => ok,
             Err(refusal) => {
                 if refusal == Refusal::Unauthorized {
@@ -164,7 +176,11 @@ impl<C: AppConnector> Handler for Inbound<C> {
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connector.connect(dst, source)).await {
             Ok(Ok(upstream)) => {
                 self.metrics.open(&self.labels(request, "-"));
-                Decision::Accept { upstream, headers }
+                let (registration, revoked) = self.tracker.register(&self.workload_uid, conn);
+                Decision::Accept {
+                    upstream: Revocable::new(upstream, registration, revoked),
+                    headers,
+                }
             }
             Ok(Err(err)) => {
                 debug!(dst.addr = %dst, error = %err, "app connect failed");

@@ -5,10 +5,11 @@
 //! ([`netns`], [`socket`]: `setns` on a dedicated thread, `SO_MARK`, transparent binds, original
 //! destination), the inbound HBONE decision ([`inbound`]) and the outbound path ([`outbound`])
 //! for a pod, and TCP telemetry ([`metrics`]). Later: per-pod listener assembly, plaintext
-//! inbound (done), admin (done); next: live policy re-check, local-cluster end to end.
+//! inbound (done), admin (done); live policy re-check ([`conntrack`]); next: local-cluster end to end.
 
 pub mod app;
 pub mod config;
+pub mod conntrack;
 pub mod inbound;
 pub mod metrics;
 pub mod netns;

@@ -18,6 +18,7 @@ use weft_core::hbone::{self, Pool, PoolConfig, Server, Settings};
 use weft_core::policy::{self, Verdict};
 use weft_proto::istio::workload::zds::WorkloadInfo;
 
+use crate::conntrack::{Revocable, Tracker};
 use crate::inbound::{AppConnector, Inbound};
 use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
 use crate::netns::{Id, InpodNetns};
@@ -40,6 +41,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// How long to wait for a pod's workload and certificate before refusing the pod.
     pub start_timeout: Duration,
+    /// Live inbound connections, re-authorized when policies change.
+    pub tracker: Arc<Tracker>,
 }
 
 /// Why a pod's proxy could not start (sent to the node agent as the NACK text).
@@ -168,7 +171,8 @@ impl PodProxy {
         let span = info_span!("pod", k8s.namespace = %info.namespace, k8s.pod = %info.name);
 
         let inbound = Inbound::new(shared.state.clone(), workload_uid.clone(), sockets.clone())
-            .with_metrics(shared.metrics.clone());
+            .with_metrics(shared.metrics.clone())
+            .with_tracker(shared.tracker.clone());
         let server = Server::new(
             Settings::default(),
             (shared.certificates.clone(), identity.clone()),
@@ -273,7 +277,7 @@ async fn serve_plaintext(
             let Ok(dst) = socket::original_dst(&stream) else {
                 return;
             };
-            let (allowed, labels) = {
+            let (allowed, labels, conn) = {
                 let inner = shared.state.read();
                 let Some(local) = inner.workloads.workload(&uid) else {
                     return;
@@ -298,7 +302,7 @@ async fn serve_plaintext(
                         response_flags: if allowed { "-" } else { "DENY" },
                     },
                 );
-                (allowed, labels)
+                (allowed, labels, conn)
             };
             shared.metrics.open(&labels);
             if !allowed {
@@ -307,7 +311,11 @@ async fn serve_plaintext(
                 return;
             }
             let result = match AppConnector::connect(&sockets, dst, peer.ip()).await {
-                Ok(mut app) => hbone::copy_bidirectional(&mut stream, &mut app).await,
+                Ok(app) => {
+                    let (registration, revoked) = shared.tracker.register(&uid, conn);
+                    let mut app = Revocable::new(app, registration, revoked);
+                    hbone::copy_bidirectional(&mut stream, &mut app).await
+                }
                 Err(err) => Err(err),
             };
             let (received, sent) = result.as_ref().map_or((0, 0), |r| *r);

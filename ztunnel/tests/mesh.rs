@@ -153,6 +153,7 @@ async fn echo_app(ip: [u8; 4]) -> SocketAddr {
 }
 
 struct Mesh {
+    tracker: Arc<ztunnel::conntrack::Tracker>,
     state: Arc<ProxyState>,
     metrics: Arc<Metrics>,
     outbound: Arc<Outbound<Plain>>,
@@ -192,7 +193,11 @@ async fn mesh() -> Mesh {
     let (trigger, watch) = drain::channel();
     let server_cert = Arc::new(ca.issue(&server_id).unwrap());
     let metrics = Arc::new(Metrics::default());
-    let inbound = Inbound::new(state.clone(), "srv".into(), Plain).with_metrics(metrics.clone());
+    let tracker = ztunnel::conntrack::Tracker::new();
+    tokio::spawn(tracker.clone().watch(state.clone()));
+    let inbound = Inbound::new(state.clone(), "srv".into(), Plain)
+        .with_metrics(metrics.clone())
+        .with_tracker(tracker.clone());
     tokio::spawn(
         Arc::new(Server::new(
             Settings::default(),
@@ -215,6 +220,7 @@ async fn mesh() -> Mesh {
             .with_metrics(metrics.clone()),
     );
     Mesh {
+        tracker,
         state,
         metrics,
         outbound,
@@ -418,4 +424,63 @@ async fn non_mesh_and_unknown_destinations_use_plain_tcp() {
         tokio::time::timeout(T, task).await.unwrap().unwrap(),
         Err(OutboundError::SelfCall(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_applied_live_closes_an_established_connection() {
+    let mesh = mesh().await;
+    let (mut app, task) = app_connect(&mesh, SocketAddr::from((VIP, 80))).await;
+    assert!(read_line(&mut app).await.starts_with("hello "));
+    app.write_all(b"still-allowed\n").await.unwrap();
+    assert_eq!(read_line(&mut app).await, "still-allowed");
+    assert_eq!(mesh.tracker.len(), 1, "the inbound connection is tracked");
+
+    // A DENY for the client's namespace arrives while the connection is open.
+    let deny = Authorization {
+        name: "late".into(),
+        namespace: "b".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    namespaces: vec![StringMatch {
+                        match_type: Some(string_match::MatchType::Exact("a".into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    assert!(
+        mesh.state.handlers()[1]
+            .apply(vec![any(
+                AUTHORIZATION_TYPE_URL,
+                "b/late",
+                deny.encode_to_vec()
+            )])
+            .is_empty()
+    );
+    // The server side closes: the app sees the stream end.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(T, app.read_to_end(&mut rest))
+        .await
+        .expect("connection closed");
+    assert!(
+        ended.is_err() || rest.is_empty(),
+        "no more data after revocation: {rest:?}"
+    );
+    // Like any app seeing EOF, it closes; the client side then finishes too.
+    drop(app);
+    let _ = tokio::time::timeout(T, task)
+        .await
+        .expect("outbound side ends");
+    tokio::time::timeout(T, async {
+        while !mesh.tracker.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("untracked after close");
 }

@@ -225,6 +225,7 @@ async fn captured_traffic_goes_through_the_pod_proxy() {
         certificates,
         metrics: Arc::new(Metrics::default()),
         start_timeout: STEP,
+        tracker: ztunnel::conntrack::Tracker::new(),
     });
     let info = WorkloadInfo {
         name: "p".into(),
