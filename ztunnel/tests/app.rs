@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 #![allow(unsafe_code)] // the scripted agent adopts the fd accept(2) returns
 
-use std::io::{IoSlice, IoSliceMut, Write as _};
+use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
 use std::time::Duration;
 
 use clap::Parser;
@@ -21,38 +20,12 @@ use tokio::net::TcpStream;
 use weft_proto::istio::workload::zds::{
     AddWorkload, SnapshotSent, WorkloadInfo, WorkloadRequest, workload_request::Payload,
 };
-use ztunnel::netns::InpodNetns;
+
+mod support;
+
+use support::{PodNetns, SKIP_ZTUNNEL, VIP_TO_OUTBOUND, root_or_skip};
 
 const T: Duration = Duration::from_secs(20);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|u| u.split_whitespace().nth(1))
-        == Some("0")
-}
-
-fn run(line: &str) {
-    let cmd: Vec<&str> = line.split_whitespace().collect();
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -98,11 +71,7 @@ spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], selector: {app: echo}, p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_serves_a_pod_with_the_real_controller() {
-    if !is_root() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED ztunnel_serves_a_pod_with_the_real_controller: needs root (network namespaces)"
-        );
+    if !root_or_skip("ztunnel_serves_a_pod_with_the_real_controller") {
         return;
     }
     let tag = std::process::id();
@@ -112,26 +81,8 @@ async fn ztunnel_serves_a_pod_with_the_real_controller() {
     std::fs::write(dir.join("store/objects.yaml"), OBJECTS).unwrap();
 
     // The pod's network namespace with the in-pod rules (subset of reference §5.2).
-    let name = format!("weft-zttest-{tag}");
-    run(&format!("ip netns add {name}"));
-    let _guard = Netns(name.clone());
-    for step in [
-        "link set lo up",
-        "link add v0 type veth peer name v1",
-        "addr add 10.99.0.2/24 dev v0",
-        "link set v1 up",
-        "link set v0 up",
-        "route add 10.96.0.0/16 dev v0",
-    ] {
-        run(&format!("ip -n {name} {step}"));
-    }
-    for rule in [
-        "-t nat -A OUTPUT -p tcp -m mark --mark 0x539/0xfff -j ACCEPT",
-        "-t nat -A OUTPUT -p tcp -d 10.96.0.10 -j REDIRECT --to-ports 15001",
-    ] {
-        run(&format!("ip netns exec {name} iptables {rule}"));
-    }
-    let netns = InpodNetns::open(format!("/run/netns/{name}")).unwrap();
+    let pod = PodNetns::new("weft-zttest", &[SKIP_ZTUNNEL, VIP_TO_OUTBOUND]);
+    let (name, netns) = (pod.name.clone(), pod.netns.clone());
     let app = netns
         .run(|| {
             let l = std::net::TcpListener::bind("10.99.0.2:8080")?;

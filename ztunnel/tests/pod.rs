@@ -5,9 +5,7 @@
 //! printed reason otherwise; CI runs as root).
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,36 +28,11 @@ use ztunnel::netns::InpodNetns;
 use ztunnel::pod::{PodProxy, Shared};
 use ztunnel::state::ProxyState;
 
+mod support;
+
+use support::{PodNetns, SKIP_ZTUNNEL, VIP_TO_OUTBOUND, root_or_skip};
+
 const STEP: Duration = Duration::from_secs(10);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|u| u.split_whitespace().nth(1))
-        == Some("0")
-}
-
-fn run(line: &str) {
-    let cmd: Vec<&str> = line.split_whitespace().collect();
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
 
 fn any(type_url: &str, name: &str, value: Vec<u8>) -> Update {
     Update::Upsert {
@@ -101,37 +74,21 @@ async fn exchange(stream: &mut TcpStream) -> std::io::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captured_traffic_goes_through_the_pod_proxy() {
-    if !is_root() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED captured_traffic_goes_through_the_pod_proxy: needs root (network namespaces)"
-        );
+    if !root_or_skip("captured_traffic_goes_through_the_pod_proxy") {
         return;
-    }
-    let name = format!("weft-podtest-{}", std::process::id());
-    run(&format!("ip netns add {name}"));
-    let _guard = Netns(name.clone());
-    for step in [
-        "link set lo up",
-        "link add v0 type veth peer name v1",
-        "addr add 10.99.0.2/24 dev v0",
-        "link set v1 up",
-        "link set v0 up",
-        "route add 10.96.0.0/16 dev v0",
-    ] {
-        run(&format!("ip -n {name} {step}"));
     }
     // The in-pod rules (reference §5.2, the subset this test exercises): ztunnel's own sockets
     // (mark 0x539) are never redirected; app traffic to a VIP goes to 15001, to the pod's app
     // port to 15006.
-    for rule in [
-        "-t nat -A OUTPUT -p tcp -m mark --mark 0x539/0xfff -j ACCEPT",
-        "-t nat -A OUTPUT -p tcp -d 10.96.0.10 -j REDIRECT --to-ports 15001",
-        "-t nat -A OUTPUT -p tcp -d 10.99.0.2 --dport 8080 -j REDIRECT --to-ports 15006",
-    ] {
-        run(&format!("ip netns exec {name} iptables {rule}"));
-    }
-    let netns = InpodNetns::open(format!("/run/netns/{name}")).unwrap();
+    let pod = PodNetns::new(
+        "weft-podtest",
+        &[
+            SKIP_ZTUNNEL,
+            VIP_TO_OUTBOUND,
+            "-t nat -A OUTPUT -p tcp -d 10.99.0.2 --dport 8080 -j REDIRECT --to-ports 15006",
+        ],
+    );
+    let netns = pod.netns.clone();
 
     // The app: an echo server on the pod IP that reports the peer it saw.
     let app = netns
