@@ -1,7 +1,9 @@
 //! Weft's CNI plugin and node agent (being built).
 //!
-//! Owns the in-pod redirection rules ([`redirect`]). Next: the chained plugin, the node agent
-//! (enrollment, rule installation, the ZDS server), the installer.
+//! Owns the chained CNI plugin ([`plugin`], binary `weft-cni`), the in-pod redirection rules
+//! ([`redirect`]) and the ZDS server that hands pods to ztunnel ([`zds`]). Next: the node agent
+//! daemon (enrollment, the plugin's socket, annotations), the installer.
 
 pub mod plugin;
 pub mod redirect;
+pub mod zds;
