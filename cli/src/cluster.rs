@@ -13,7 +13,6 @@ pub mod netns;
 pub mod network;
 pub mod proxy;
 pub mod runner;
-pub mod store;
 
 use std::os::unix::process::CommandExt;
 
@@ -28,7 +27,7 @@ use serde_json::json;
 pub use layout::Layout;
 pub use manifest::{Object, ObjectKey};
 pub use store::{Outcome, Store};
-pub use weft_k8s::manifest;
+pub use weft_k8s::{manifest, store};
 
 /// The controller executable the control plane runs.
 pub const CONTROLLER_PROGRAM: &str = "weft-controller";

@@ -6,12 +6,14 @@
 //! manifests watched live ([`files`], the local cluster's object store). Consumers read
 //! consistent [`Snapshot`]s and are woken on change.
 //!
-//! Does not own translation into xDS (the controller) or any mutation of the cluster.
+//! Also owns the local cluster's object store ([`store`]), which the runner and the node agent
+//! both write. Does not own translation into xDS (the controller).
 
 pub mod apiserver;
 pub mod crds;
 pub mod files;
 pub mod index;
 pub mod manifest;
+pub mod store;
 
 pub use index::{Index, Kind, Resource, ResourceKey, Snapshot};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::manifest::{self, Object, ObjectKey};
+use crate::manifest::{self, Object, ObjectKey};
 
 /// Directory name for cluster-scoped objects.
 const CLUSTER_SCOPE_DIR: &str = "_cluster";
@@ -379,7 +379,7 @@ impl Store {
         let ip = if !requested.is_empty() {
             let in_range = requested
                 .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| super::layout::contains(super::layout::SERVICE_NETWORK, ip));
+                .is_ok_and(|ip| u32::from(ip) & 0xffff_0000 == FIRST_SERVICE_IP & 0xffff_0000);
             if !in_range {
                 return Err(Error::ClusterIpOutOfRange {
                     key: Box::new(key.clone()),
@@ -485,7 +485,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = temp_path(path);
     write_file(&tmp, bytes)?;
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
@@ -521,7 +521,7 @@ pub fn timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::manifest::parse;
+    use crate::manifest::parse;
 
     fn tmp_store(tag: &str) -> Store {
         let dir = std::env::temp_dir().join(format!("weft-store-{tag}-{}", std::process::id()));
