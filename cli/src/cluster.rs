@@ -119,6 +119,9 @@ pub struct Options {
     /// Start the control plane (`weft-controller`, found next to the `weft` executable or on
     /// `PATH`); default true. Without it the cluster is a plain Kubernetes stand-in.
     pub control_plane: bool,
+    /// Run the mesh on every node: `weft-cni` chained in the CNI config, `weft-cni-agent` and
+    /// `ztunnel` in each node netns; default true (needs `control_plane`).
+    pub mesh: bool,
 }
 
 impl Options {
@@ -132,6 +135,7 @@ impl Options {
             plugin_dirs: vec![PathBuf::from(layout::DEFAULT_CNI_BIN_DIR)],
             chained_plugins: Vec::new(),
             control_plane: true,
+            mesh: true,
         }
     }
 }
@@ -151,6 +155,9 @@ pub struct Description {
     /// Whether the control plane (`weft-controller`) runs in the control-plane namespace.
     #[serde(default)]
     pub control_plane: bool,
+    /// Whether every node runs the mesh (CNI agent and ztunnel).
+    #[serde(default)]
+    pub mesh: bool,
 }
 
 /// A running local cluster.
@@ -189,16 +196,21 @@ impl Cluster {
             Some(exe) => exe.clone(),
             None => std::env::current_exe().map_err(io("finding the weft executable"))?,
         };
+        let mut plugin_dirs = options.plugin_dirs.clone();
+        if options.mesh && options.control_plane {
+            plugin_dirs.extend(weft_exe.parent().map(Path::to_path_buf));
+        }
         let description = Description {
             name: options.name.clone(),
             nodes: options.nodes,
-            plugin_dirs: options.plugin_dirs.clone(),
+            plugin_dirs,
             program_dirs: weft_exe
                 .parent()
                 .map(Path::to_path_buf)
                 .into_iter()
                 .collect(),
             control_plane: options.control_plane,
+            mesh: options.mesh && options.control_plane,
         };
         std::fs::create_dir_all(layout.state_dir())
             .map_err(io(format!("creating {}", layout.state_dir().display())))?;
@@ -220,7 +232,16 @@ impl Cluster {
         let layout = &self.layout;
         network::create(layout, options.nodes)?;
         for node in 1..=options.nodes {
-            let list = cni::conflist(layout, node, &options.chained_plugins);
+            let mut chained = options.chained_plugins.clone();
+            if self.description.mesh {
+                chained.push(json!({
+                    "type": "weft-cni",
+                    "agent_socket": self.node_run_dir(node).join("cni-agent.sock"),
+                    "exclude_namespaces": ["kube-system"],
+                    "agent_timeout_ms": 8000,
+                }));
+            }
+            let list = cni::conflist(layout, node, &chained);
             cni::write_conflist(
                 &layout.node_dir(node).join("cni").join("10-weft.conflist"),
                 &list,
@@ -253,6 +274,11 @@ impl Cluster {
 
         if options.control_plane {
             self.start_control_plane()?;
+        }
+        if self.description.mesh {
+            for node in 1..=options.nodes {
+                self.start_node_components(node)?;
+            }
         }
 
         let log = std::fs::File::create(layout.runner_log()).map_err(io("creating runner log"))?;
@@ -348,6 +374,120 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn find_program(&self, name: &str) -> Result<PathBuf, Error> {
+        self.description
+            .program_dirs
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::Runner(format!(
+                    "{name} not found in {:?}",
+                    self.description.program_dirs
+                ))
+            })
+    }
+
+    /// Starts `program args…` inside `netns_name` as a detached process group, logging to
+    /// `log`.
+    fn spawn_in(
+        &self,
+        netns_name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<u32, Error> {
+        let file = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+        let file_err = file.try_clone().map_err(io("creating log"))?;
+        let mut cmd = netns::command_in(netns_name, program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(file_err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", program.display())))?;
+        Ok(child.id())
+    }
+
+    /// Per-node runtime directory: the agent's and ztunnel's sockets and records.
+    pub fn node_run_dir(&self, node: u8) -> PathBuf {
+        self.layout.node_dir(node).join("run")
+    }
+
+    /// ztunnel's metrics address on node `node` (`/metrics`, `/stats/prometheus`).
+    pub fn ztunnel_stats_address(&self, node: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((layout::node_ip(node), 15020))
+    }
+
+    /// Starts node `node`'s mesh components in its netns: the CNI node agent (the chained
+    /// `weft-cni` plugin calls it) and ztunnel (xDS and CA from the control plane, pods from the
+    /// agent over ZDS). Waits until the agent listens, so pods never race it.
+    fn start_node_components(&self, node: u8) -> Result<(), Error> {
+        let layout = &self.layout;
+        let run = self.node_run_dir(node);
+        std::fs::create_dir_all(&run).map_err(io(format!("creating {}", run.display())))?;
+        let node_netns = layout.node_netns(node);
+        let agent_socket = run.join("cni-agent.sock");
+        let zds_socket = run.join("ztunnel.sock");
+        let agent = self.find_program("weft-cni-agent")?;
+        let s = |p: &Path| p.display().to_string();
+        self.spawn_in(
+            &node_netns,
+            &agent,
+            &[
+                "--node".into(),
+                layout::node_name(node),
+                "--files".into(),
+                s(&layout.store_dir()),
+                "--plugin-socket".into(),
+                s(&agent_socket),
+                "--zds-socket".into(),
+                s(&zds_socket),
+                "--run-dir".into(),
+                s(&run),
+            ],
+            &layout.node_dir(node).join("cni-agent.log"),
+        )?;
+        let ztunnel = self.find_program("ztunnel")?;
+        self.spawn_in(
+            &node_netns,
+            &ztunnel,
+            &[
+                "--xds-address".into(),
+                format!("https://{}", self.control_plane_address()),
+                "--root-cert".into(),
+                s(&self.root_cert_path()),
+                "--server-name".into(),
+                "weft-controller.istio-system.svc".into(),
+                "--token".into(),
+                s(&self.node_token_path(node)),
+                "--node-name".into(),
+                layout::node_name(node),
+                "--instance-ip".into(),
+                layout::node_ip(node).to_string(),
+                "--zds-socket".into(),
+                s(&zds_socket),
+            ],
+            &layout.node_dir(node).join("ztunnel.log"),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent_socket.exists() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(layout.node_dir(node).join("cni-agent.log"))
+                    .unwrap_or_default();
+                return Err(Error::Runner(format!(
+                    "weft-cni-agent on {} did not start: {}",
+                    layout::node_name(node),
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// The controller's state directory (CA root, bootstrap tokens).

@@ -724,3 +724,245 @@ fn the_control_plane_serves_the_cluster() {
             && text.contains("a/echo.a.svc.cluster.local")
     });
 }
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: b, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: c}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: a}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: http}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: a}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: b}
+spec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: c}
+spec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}
+"#;
+
+/// Runs `weft-echo client` without asserting success; returns the JSON lines.
+fn echo_lines(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> Vec<Value> {
+    let count = count.to_string();
+    let out = cluster
+        .exec(
+            ns,
+            pod,
+            &[
+                "weft-echo",
+                "client",
+                url,
+                "--count",
+                &count,
+                "--concurrency",
+                &count,
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
+    if !root_or_skip("the_ambient_mesh_carries_pod_traffic_over_hbone") {
+        return;
+    }
+    let cluster = TestCluster::up("t-mesh", 2);
+    assert!(cluster.description().mesh);
+    cluster.apply_yaml(MESH).unwrap();
+    let servers = cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    cluster.wait_ready("c", &[], 1, READY).unwrap();
+    let client_ip = ip_of(&client);
+    let annotation = |ns: &str, name: &str| {
+        cluster.pod(ns, name).unwrap().0["metadata"]["annotations"]["ambient.istio.io/redirection"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    wait_until("ambient pods enrolled", READY, || {
+        servers
+            .iter()
+            .all(|p| annotation("a", p.name()).as_deref() == Some("enabled"))
+            && annotation("b", "client").as_deref() == Some("enabled")
+    });
+    assert_eq!(
+        annotation("c", "outsider"),
+        None,
+        "non-ambient pods are left alone"
+    );
+    let outsider_uid = cluster
+        .pod("c", "outsider")
+        .unwrap()
+        .uid()
+        .unwrap()
+        .to_owned();
+    let nft = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cluster.layout().pod_netns(&outsider_uid),
+            "nft",
+            "list",
+            "ruleset",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&nft.stdout).contains("weft-ambient"),
+        "no rules in a non-ambient pod"
+    );
+
+    // Through the mesh: same-node and cross-node replicas, the client's pod IP preserved.
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
+    let mut lines = Vec::new();
+    wait_until("traffic flows through the mesh", READY, || {
+        lines = echo_lines(&cluster, "b", "client", &url, 20);
+        lines.len() == 20 && lines.iter().all(|l| l["status"] == 200)
+    });
+    let seen: BTreeSet<String> = lines
+        .iter()
+        .map(|l| l["pod"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "both replicas (one per node) answered: {seen:?}"
+    );
+    for line in &lines {
+        assert!(
+            line["source"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{client_ip}:")),
+            "{line}"
+        );
+    }
+
+    // Both sides counted mutual TLS with the client's identity.
+    let metrics = |node: u8| {
+        http_get_in(
+            &cluster.layout().node_netns(node),
+            cluster.ztunnel_stats_address(node),
+            "/metrics",
+        )
+    };
+    let principal = "source_principal=\"spiffe://cluster.local/ns/b/sa/default\"";
+    let source_side = metrics(1);
+    assert!(
+        source_side
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains(principal)),
+        "{source_side}"
+    );
+    for node in 1..=2 {
+        let text = metrics(node);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+                    && l.contains(principal)),
+            "node {node}: {text}"
+        );
+    }
+
+    // The uncaptured client reaches the captured servers in plaintext (PERMISSIVE)…
+    let plain = echo_lines(&cluster, "c", "outsider", &url, 4);
+    assert!(plain.iter().all(|l| l["status"] == 200), "{plain:?}");
+    // …until STRICT mTLS: then it is refused while the mesh client still gets through.
+    cluster
+        .apply_yaml("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n")
+        .unwrap();
+    wait_until("STRICT refuses plaintext", READY, || {
+        let plain = echo_lines(&cluster, "c", "outsider", &url, 4);
+        plain.iter().all(|l| l["status"] != 200)
+    });
+    let lines = echo_lines(&cluster, "b", "client", &url, 4);
+    assert!(lines.iter().all(|l| l["status"] == 200), "{lines:?}");
+
+    // Labelling the running outsider's namespace enrolls it live, without a restart: its next
+    // connections go through the mesh and pass STRICT.
+    cluster
+        .label_namespace("c", "istio.io/dataplane-mode", Some("ambient"))
+        .unwrap();
+    wait_until("outsider enrolled", READY, || {
+        annotation("c", "outsider").as_deref() == Some("enabled")
+    });
+    wait_until("outsider through the mesh", READY, || {
+        let lines = echo_lines(&cluster, "c", "outsider", &url, 4);
+        lines.len() == 4 && lines.iter().all(|l| l["status"] == 200)
+    });
+    // Removing the label releases it: annotation and rules gone.
+    cluster
+        .label_namespace("c", "istio.io/dataplane-mode", None)
+        .unwrap();
+    wait_until("outsider released", READY, || {
+        annotation("c", "outsider").is_none()
+    });
+    let nft = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &cluster.layout().pod_netns(&outsider_uid),
+            "nft",
+            "list",
+            "ruleset",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&nft.stdout).contains("weft-ambient"),
+        "rules removed"
+    );
+}

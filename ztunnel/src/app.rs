@@ -15,7 +15,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::{ca_client, cert_manager, drain, xds};
 
 use crate::config::Config;
@@ -60,39 +60,94 @@ pub enum Error {
     Zds(#[from] zds::Error),
 }
 
-/// Pods handed over by the node agent, each with its running proxy.
+/// A pod handed over by the node agent: its netns, and its proxy once started.
+struct Slot {
+    netns: crate::netns::Id,
+    proxy: Arc<std::sync::Mutex<Option<PodProxy>>>,
+    starter: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.starter.abort();
+    }
+}
+
+/// Pods handed over by the node agent. An add is acknowledged at once and the pod's proxy
+/// starts as soon as its workload (which needs the pod's IP, known only after the CNI chain ran)
+/// and certificate are available, retrying every second; removal drains it immediately.
 struct PodManager {
     shared: Arc<Shared>,
-    pods: HashMap<String, PodProxy>,
+    pods: Arc<std::sync::Mutex<HashMap<String, Slot>>>,
     snapshot_applied: Arc<AtomicBool>,
+}
+
+/// Pods whose proxies have not started yet (readiness waits for none).
+fn pending_pods(pods: &std::sync::Mutex<HashMap<String, Slot>>) -> usize {
+    pods.lock()
+        .map(|p| {
+            p.values()
+                .filter(|s| s.proxy.lock().map(|p| p.is_none()).unwrap_or(true))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 impl zds::Manager for PodManager {
     fn add(&mut self, pod: Pod) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let netns = InpodNetns::new(pod.netns).map_err(|e| format!("pod netns: {e}"))?;
-            if self
+            let mut pods = self
                 .pods
-                .get(&pod.uid)
-                .is_some_and(|p| p.netns == netns.id())
-            {
+                .lock()
+                .map_err(|_| "pod table poisoned".to_owned())?;
+            if pods.get(&pod.uid).is_some_and(|p| p.netns == netns.id()) {
                 return Ok(()); // same pod, same netns: nothing to do
             }
-            self.pods.remove(&pod.uid); // a new netns replaces the old proxy
-            let proxy = PodProxy::start(self.shared.clone(), pod.info, netns)
-                .await
-                .map_err(|e| error_chain(&e))?;
-            self.pods.insert(pod.uid, proxy);
+            let proxy = Arc::new(std::sync::Mutex::new(None));
+            let slot_proxy = proxy.clone();
+            let shared = self.shared.clone();
+            let info = pod.info;
+            let netns_id = netns.id();
+            let starter = tokio::spawn(async move {
+                loop {
+                    match PodProxy::start(shared.clone(), info.clone(), netns.clone()).await {
+                        Ok(started) => {
+                            if let Ok(mut slot) = slot_proxy.lock() {
+                                *slot = Some(started);
+                            }
+                            return;
+                        }
+                        Err(err) => {
+                            debug!(pod = %info.name, error = %error_chain(&err), "pod proxy pending");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            });
+            // A new netns replaces the old proxy (dropping the old slot drains it).
+            pods.insert(
+                pod.uid,
+                Slot {
+                    netns: netns_id,
+                    proxy,
+                    starter,
+                },
+            );
             Ok(())
         })
     }
 
     fn remove(&mut self, uid: &str) {
-        self.pods.remove(uid);
+        if let Ok(mut pods) = self.pods.lock() {
+            pods.remove(uid);
+        }
     }
 
     fn reconcile(&mut self, keep: &BTreeSet<String>) {
-        self.pods.retain(|uid, _| keep.contains(uid));
+        if let Ok(mut pods) = self.pods.lock() {
+            pods.retain(|uid, _| keep.contains(uid));
+        }
         self.snapshot_applied.store(true, Ordering::SeqCst);
     }
 }
@@ -202,17 +257,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = Arc::new(registry);
 
     let snapshot_applied = Arc::new(AtomicBool::new(false));
+    let pods = Arc::new(std::sync::Mutex::new(HashMap::new()));
     let ready = {
         let xds = xds_handle.clone();
         let snapshot = snapshot_applied.clone();
-        move || xds.is_ready() && snapshot.load(Ordering::SeqCst)
+        let pods = pods.clone();
+        move || xds.is_ready() && snapshot.load(Ordering::SeqCst) && pending_pods(&pods) == 0
     };
     let readiness: Handler = Arc::new(move |path| match path {
         "/healthz/ready" if ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
         "/healthz/ready" => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            "not ready, pending: xds snapshot and zds snapshot\n".into(),
+            "not ready, pending: xds sync, zds snapshot or pod proxies\n".into(),
         ),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     });
@@ -298,7 +355,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
     let manager = PodManager {
         shared,
-        pods: HashMap::new(),
+        pods,
         snapshot_applied,
     };
     // The ZDS client starts only after the first xDS sync (reference §4.3).
