@@ -311,7 +311,28 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_control_plane(&self) -> Result<(), Error> {
+    /// Stops the control plane (SIGTERM, SIGKILL after 10 s): a controller outage. Node
+    /// components keep running on the configuration and certificates they hold.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if no controller was started (no pid recorded).
+    pub fn stop_control_plane(&self) -> Result<(), Error> {
+        let path = self.layout.state_dir().join("controller.pid");
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .ok_or_else(|| Error::Runner(format!("no controller pid in {}", path.display())))?;
+        stop_process(pid);
+        Ok(())
+    }
+
+    /// Starts the control plane (`weft-controller` in the control-plane namespace) and waits
+    /// until it listens; after [`Cluster::stop_control_plane`] it comes back with the same CA
+    /// root and node tokens (kept in its state directory).
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if the program is missing or does not start listening within 20 s.
+    pub fn start_control_plane(&self) -> Result<(), Error> {
         let layout = &self.layout;
         let program = self
             .description
@@ -323,7 +344,10 @@ impl Cluster {
                 "{CONTROLLER_PROGRAM} not found in {:?} (build it with `cargo build -p weft-controller`)",
                 self.description.program_dirs
             )))?;
-        let log = std::fs::File::create(layout.state_dir().join("controller.log"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(layout.state_dir().join("controller.log"))
             .map_err(io("creating controller log"))?;
         let log_err = log.try_clone().map_err(io("creating controller log"))?;
         let cp_ip = layout::control_plane_ip().to_string();

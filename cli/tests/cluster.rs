@@ -966,3 +966,120 @@ fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
         "rules removed"
     );
 }
+
+/// Sends one keep-alive `GET /` on `conn` and returns the status line, or `None` when the
+/// connection is closed or fails.
+fn keep_alive_get(conn: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::{Read, Write};
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = conn.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("weft-echo sends content-length");
+            if buf.len() >= end + 4 + length {
+                return text.lines().next().map(str::to_owned);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_mesh_rides_out_a_controller_outage() {
+    if !root_or_skip("the_mesh_rides_out_a_controller_outage") {
+        return;
+    }
+    let cluster = TestCluster::up("t-outage", 2);
+    cluster.apply_yaml(MESH).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let vip = svc.0["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    let url = format!("http://{vip}/");
+    wait_until("traffic flows through the mesh", READY, || {
+        let lines = echo_lines(&cluster, "b", "client", &url, 4);
+        lines.len() == 4 && lines.iter().all(|l| l["status"] == 200)
+    });
+    // An established connection from inside the client pod (captured like the pod's own).
+    let addr: std::net::SocketAddr = format!("{vip}:80").parse().unwrap();
+    let mut conn = weft::cluster::netns::within(
+        &cluster.layout().pod_netns(client.uid().unwrap()),
+        move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)),
+    )
+    .unwrap()
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        keep_alive_get(&mut conn).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+
+    // Controller down (its port refuses): the established connection and new ones keep working.
+    cluster.stop_control_plane().unwrap();
+    let controller = cluster.control_plane_address();
+    let refused = weft::cluster::netns::within(&cluster.layout().node_netns(1), move || {
+        std::net::TcpStream::connect_timeout(&controller, Duration::from_millis(500)).is_err()
+    })
+    .unwrap();
+    assert!(refused, "the controller is down");
+    assert_eq!(
+        keep_alive_get(&mut conn).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    let lines = echo_lines(&cluster, "b", "client", &url, 10);
+    assert!(
+        lines.len() == 10 && lines.iter().all(|l| l["status"] == 200),
+        "new connections during the outage: {lines:?}"
+    );
+    // A DENY applied while the controller is away changes nothing yet…
+    cluster
+        .apply_yaml("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-b, namespace: a}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [b]}}]}]\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = echo_lines(&cluster, "b", "client", &url, 4);
+    assert!(
+        lines.len() == 4 && lines.iter().all(|l| l["status"] == 200),
+        "still the last good config: {lines:?}"
+    );
+    assert_eq!(
+        keep_alive_get(&mut conn).as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+
+    // …and flows once the controller is back (same CA root and node tokens): new connections
+    // are denied and the established one is closed by the live re-check.
+    cluster.start_control_plane().unwrap();
+    wait_until(
+        "the DENY reaches the ztunnels",
+        Duration::from_secs(45),
+        || {
+            let lines = echo_lines(&cluster, "b", "client", &url, 4);
+            !lines.is_empty() && lines.iter().all(|l| l["status"] != 200)
+        },
+    );
+    assert_eq!(
+        keep_alive_get(&mut conn),
+        None,
+        "established connection closed"
+    );
+}
