@@ -423,7 +423,11 @@ impl Cluster {
         args: &[String],
         log: &Path,
     ) -> Result<u32, Error> {
-        let file = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io(format!("creating {}", log.display())))?;
         let file_err = file.try_clone().map_err(io("creating log"))?;
         let mut cmd = netns::command_in(netns_name, program);
         cmd.args(args)
@@ -476,9 +480,35 @@ impl Cluster {
             ],
             &layout.node_dir(node).join("cni-agent.log"),
         )?;
+        self.start_ztunnel(node)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent_socket.exists() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(layout.node_dir(node).join("cni-agent.log"))
+                    .unwrap_or_default();
+                return Err(Error::Runner(format!(
+                    "weft-cni-agent on {} did not start: {}",
+                    layout::node_name(node),
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts ztunnel on node `node` (xDS and CA from the control plane, pods from the node
+    /// agent over ZDS); it records its pid for [`Cluster::stop_ztunnel`]. Returns once the
+    /// process is spawned; the agent replays its pods to it when it connects.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if the program is missing, [`Error::Io`] if it cannot be spawned.
+    pub fn start_ztunnel(&self, node: u8) -> Result<(), Error> {
+        let layout = &self.layout;
+        let s = |p: &Path| p.display().to_string();
         let ztunnel = self.find_program("ztunnel")?;
-        self.spawn_in(
-            &node_netns,
+        let pid = self.spawn_in(
+            &layout.node_netns(node),
             &ztunnel,
             &[
                 "--xds-address".into(),
@@ -494,23 +524,27 @@ impl Cluster {
                 "--instance-ip".into(),
                 layout::node_ip(node).to_string(),
                 "--zds-socket".into(),
-                s(&zds_socket),
+                s(&self.node_run_dir(node).join("ztunnel.sock")),
             ],
             &layout.node_dir(node).join("ztunnel.log"),
         )?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent_socket.exists() {
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(layout.node_dir(node).join("cni-agent.log"))
-                    .unwrap_or_default();
-                return Err(Error::Runner(format!(
-                    "weft-cni-agent on {} did not start: {}",
-                    layout::node_name(node),
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        std::fs::write(layout.node_dir(node).join("ztunnel.pid"), pid.to_string())
+            .map_err(io("writing ztunnel pid"))?;
+        Ok(())
+    }
+
+    /// Stops ztunnel on node `node` (SIGTERM, which drains; SIGKILL after 10 s). Enrolled pods
+    /// stay captured, so their traffic fails closed until ztunnel is back.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if no ztunnel was started on that node.
+    pub fn stop_ztunnel(&self, node: u8) -> Result<(), Error> {
+        let path = self.layout.node_dir(node).join("ztunnel.pid");
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .ok_or_else(|| Error::Runner(format!("no ztunnel pid in {}", path.display())))?;
+        stop_process(pid);
         Ok(())
     }
 

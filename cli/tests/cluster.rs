@@ -1083,3 +1083,84 @@ fn the_mesh_rides_out_a_controller_outage() {
         "established connection closed"
     );
 }
+
+/// Listening sockets on `port` inside a pod's network namespace.
+fn listeners_in(netns: &str, port: u16) -> usize {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-Hltn"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .is_some_and(|local| local.ends_with(&format!(":{port}")))
+        })
+        .count()
+}
+
+#[test]
+fn a_restarted_ztunnel_serves_its_pods_again() {
+    if !root_or_skip("a_restarted_ztunnel_serves_its_pods_again") {
+        return;
+    }
+    let cluster = TestCluster::up("t-restart", 2);
+    cluster.apply_yaml(MESH).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let client_netns = cluster.layout().pod_netns(client.uid().unwrap());
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
+    let flows = |count: u32| {
+        let lines = echo_lines(&cluster, "b", "client", &url, count);
+        lines.len() == count as usize && lines.iter().all(|l| l["status"] == 200)
+    };
+    wait_until("traffic flows through the mesh", READY, || flows(4));
+    for port in [15001, 15006, 15008] {
+        assert_eq!(listeners_in(&client_netns, port), 1, "port {port} before");
+    }
+
+    // ztunnel on the client's node stops: the pod stays captured, so its traffic fails closed.
+    cluster.stop_ztunnel(1).unwrap();
+    for port in [15001, 15006, 15008] {
+        assert_eq!(
+            listeners_in(&client_netns, port),
+            0,
+            "port {port} while down"
+        );
+    }
+    let lines = echo_lines(&cluster, "b", "client", &url, 2);
+    assert!(
+        lines.iter().all(|l| l["status"] != 200),
+        "no bypass while ztunnel is down: {lines:?}"
+    );
+
+    // Restarted twice: each time the agent replays its pods and they are served again within
+    // 5 s (the bound), with exactly one listener per port.
+    for round in 1..=2 {
+        if round == 2 {
+            cluster.stop_ztunnel(1).unwrap();
+        }
+        cluster.start_ztunnel(1).unwrap();
+        wait_until(
+            &format!("pods served again (round {round})"),
+            Duration::from_secs(5),
+            || flows(2),
+        );
+        for port in [15001, 15006, 15008] {
+            assert_eq!(
+                listeners_in(&client_netns, port),
+                1,
+                "port {port} after restart {round}"
+            );
+        }
+    }
+    assert!(flows(20), "both replicas through the restarted ztunnel");
+}
