@@ -863,19 +863,13 @@ fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
         .unwrap();
     let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
     let mut lines = Vec::new();
-    wait_until("traffic flows through the mesh", READY, || {
+    // Converged when both replicas (one per node) answer: until both workloads have reached
+    // the client's ztunnel, it balances over the one it knows.
+    wait_until("traffic flows to both replicas", READY, || {
         lines = echo_lines(&cluster, "b", "client", &url, 20);
-        lines.len() == 20 && lines.iter().all(|l| l["status"] == 200)
+        let seen: BTreeSet<&str> = lines.iter().filter_map(|l| l["pod"].as_str()).collect();
+        lines.len() == 20 && lines.iter().all(|l| l["status"] == 200) && seen.len() == 2
     });
-    let seen: BTreeSet<String> = lines
-        .iter()
-        .map(|l| l["pod"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        seen.len(),
-        2,
-        "both replicas (one per node) answered: {seen:?}"
-    );
     for line in &lines {
         assert!(
             line["source"]
@@ -883,6 +877,96 @@ fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
                 .unwrap()
                 .starts_with(&format!("{client_ip}:")),
             "{line}"
+        );
+    }
+
+    // On the wire between the nodes only TLS to 15008 crosses, and the payload stays sealed: a
+    // marker sent in the request never appears in a capture of node-2's link.
+    let pcap = cluster.layout().state_dir().join("node-2.pcap");
+    let mut capture = Command::new("ip")
+        .args(["netns", "exec", &cluster.layout().node_netns(2)])
+        .args([
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "eth0",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .args(["tcp and net 10.244.1.0/24"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until tcpdump exits (it reports its counts on stderr then).
+    let mut capture_log = std::io::BufReader::new(capture.stderr.take().unwrap());
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        capture_log.read_line(&mut line).unwrap();
+        assert!(line.contains("listening on eth0"), "tcpdump: {line}");
+    }
+    let marker = "weft-marker-7f3c9a1e";
+    let out = cluster
+        .exec(
+            "b",
+            "client",
+            &[
+                "weft-echo",
+                "client",
+                &url,
+                "--count",
+                "20",
+                "--concurrency",
+                "20",
+                "-H",
+                &format!("x-marker: {marker}"),
+                "-X",
+                "POST",
+                "--data",
+                marker,
+            ],
+        )
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    capture.wait().unwrap();
+    drop(capture_log);
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the node link in clear"
+    );
+    let decoded = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&decoded.stderr).into_owned();
+    let decoded = String::from_utf8_lossy(&decoded.stdout);
+    let packets: Vec<&str> = decoded.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(
+        !packets.is_empty(),
+        "captured the cross-node traffic: {} bytes, {errors}, {decoded}, {out:?}",
+        bytes.len()
+    );
+    for packet in &packets {
+        let (src, dst) = packet
+            .split(" IP ")
+            .nth(1)
+            .and_then(|rest| rest.split_once(" > "))
+            .unwrap();
+        let dst = dst.split(':').next().unwrap();
+        assert!(
+            src.ends_with(".15008") || dst.ends_with(".15008"),
+            "non-HBONE packet between nodes: {packet}"
         );
     }
 
