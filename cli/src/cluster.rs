@@ -455,16 +455,28 @@ impl Cluster {
     /// `weft-cni` plugin calls it) and ztunnel (xDS and CA from the control plane, pods from the
     /// agent over ZDS). Waits until the agent listens, so pods never race it.
     fn start_node_components(&self, node: u8) -> Result<(), Error> {
-        let layout = &self.layout;
         let run = self.node_run_dir(node);
         std::fs::create_dir_all(&run).map_err(io(format!("creating {}", run.display())))?;
-        let node_netns = layout.node_netns(node);
+        self.start_ztunnel(node)?;
+        self.start_cni_agent(node)
+    }
+
+    /// Starts the CNI node agent on node `node` and waits until its plugin socket exists; it
+    /// records its pid for [`Cluster::stop_cni_agent`]. A restarted agent rebuilds its state
+    /// from its records and the pods' annotations and replays a snapshot to ztunnel.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if the program is missing or does not listen within 20 s.
+    pub fn start_cni_agent(&self, node: u8) -> Result<(), Error> {
+        let layout = &self.layout;
+        let run = self.node_run_dir(node);
         let agent_socket = run.join("cni-agent.sock");
-        let zds_socket = run.join("ztunnel.sock");
+        // A socket file left by a stopped agent must not pass for a listening one.
+        let _ = std::fs::remove_file(&agent_socket);
         let agent = self.find_program("weft-cni-agent")?;
         let s = |p: &Path| p.display().to_string();
-        self.spawn_in(
-            &node_netns,
+        let pid = self.spawn_in(
+            &layout.node_netns(node),
             &agent,
             &[
                 "--node".into(),
@@ -474,16 +486,17 @@ impl Cluster {
                 "--plugin-socket".into(),
                 s(&agent_socket),
                 "--zds-socket".into(),
-                s(&zds_socket),
+                s(&run.join("ztunnel.sock")),
                 "--run-dir".into(),
                 s(&run),
             ],
             &layout.node_dir(node).join("cni-agent.log"),
         )?;
-        self.start_ztunnel(node)?;
+        std::fs::write(layout.node_dir(node).join("cni-agent.pid"), pid.to_string())
+            .map_err(io("writing cni-agent pid"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !agent_socket.exists() {
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || !process_alive(pid as i32) {
                 let log = std::fs::read_to_string(layout.node_dir(node).join("cni-agent.log"))
                     .unwrap_or_default();
                 return Err(Error::Runner(format!(
@@ -494,6 +507,21 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
+    }
+
+    /// Stops the CNI node agent on node `node` (SIGTERM; SIGKILL after 10 s). Pods it enrolled
+    /// keep their rules; new ambient pods on the node fail CNI ADD until it is back.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] if no agent was started on that node.
+    pub fn stop_cni_agent(&self, node: u8) -> Result<(), Error> {
+        let path = self.layout.node_dir(node).join("cni-agent.pid");
+        let pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .ok_or_else(|| Error::Runner(format!("no cni-agent pid in {}", path.display())))?;
+        stop_process(pid);
         Ok(())
     }
 

@@ -1248,3 +1248,79 @@ fn a_restarted_ztunnel_serves_its_pods_again() {
     }
     assert!(flows(20), "both replicas through the restarted ztunnel");
 }
+
+/// The in-pod redirection state of a pod's netns: nftables ruleset and policy routing rules.
+fn redirection_state(netns: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["nft", "list", "ruleset"]) + &run(&["ip", "rule", "show"])
+}
+
+#[test]
+fn a_restarted_cni_agent_keeps_pods_captured() {
+    if !root_or_skip("a_restarted_cni_agent_keeps_pods_captured") {
+        return;
+    }
+    let cluster = TestCluster::up("t-agent", 2);
+    cluster.apply_yaml(MESH).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let client_netns = cluster.layout().pod_netns(client.uid().unwrap());
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
+    let flows = |count: u32| {
+        let lines = echo_lines(&cluster, "b", "client", &url, count);
+        lines.len() == count as usize && lines.iter().all(|l| l["status"] == 200)
+    };
+    wait_until("traffic flows through the mesh", READY, || flows(4));
+    let before = redirection_state(&client_netns);
+    assert!(before.contains("weft-ambient"), "{before}");
+    let ztunnel_log = cluster.layout().node_dir(1).join("ztunnel.log");
+    let snapshots = || {
+        std::fs::read_to_string(&ztunnel_log)
+            .unwrap()
+            .matches("zds snapshot reconciled")
+            .count()
+    };
+    let annotation = || {
+        cluster.pod("b", "client").unwrap().0["metadata"]["annotations"]
+            ["ambient.istio.io/redirection"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    for round in 1..=2 {
+        let seen = snapshots();
+        cluster.stop_cni_agent(1).unwrap();
+        // Enrolled pods stay captured and served while the agent is away.
+        assert!(flows(4), "traffic while the agent is down (round {round})");
+        cluster.start_cni_agent(1).unwrap();
+        wait_until(
+            &format!("ztunnel receives the agent's snapshot (round {round})"),
+            READY,
+            || snapshots() > seen,
+        );
+        assert_eq!(
+            redirection_state(&client_netns),
+            before,
+            "rules identical after restart {round}"
+        );
+        assert_eq!(annotation().as_deref(), Some("enabled"));
+        wait_until(&format!("traffic after restart {round}"), READY, || {
+            flows(4)
+        });
+    }
+}
