@@ -1051,6 +1051,23 @@ fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
     );
 }
 
+/// Applies [`MESH`] and waits for the echo servers and the client pod; returns the client and
+/// the echo Service's cluster IP.
+fn mesh_up(cluster: &Cluster) -> (Object, String) {
+    cluster.apply_yaml(MESH).unwrap();
+    cluster
+        .wait_ready("a", &[("app", "echo")], 2, READY)
+        .unwrap();
+    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
+        .unwrap()
+        .unwrap();
+    let vip = svc.0["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    (client, vip)
+}
+
 /// Sends one keep-alive `GET /` on `conn` and returns the status line, or `None` when the
 /// connection is closed or fails.
 fn keep_alive_get(conn: &mut std::net::TcpStream) -> Option<String> {
@@ -1088,17 +1105,7 @@ fn the_mesh_rides_out_a_controller_outage() {
         return;
     }
     let cluster = TestCluster::up("t-outage", 2);
-    cluster.apply_yaml(MESH).unwrap();
-    cluster
-        .wait_ready("a", &[("app", "echo")], 2, READY)
-        .unwrap();
-    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
-    let svc = cluster
-        .store()
-        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
-        .unwrap()
-        .unwrap();
-    let vip = svc.0["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    let (client, vip) = mesh_up(&cluster);
     let url = format!("http://{vip}/");
     wait_until("traffic flows through the mesh", READY, || {
         let lines = echo_lines(&cluster, "b", "client", &url, 4);
@@ -1190,18 +1197,9 @@ fn a_restarted_ztunnel_serves_its_pods_again() {
         return;
     }
     let cluster = TestCluster::up("t-restart", 2);
-    cluster.apply_yaml(MESH).unwrap();
-    cluster
-        .wait_ready("a", &[("app", "echo")], 2, READY)
-        .unwrap();
-    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let (client, vip) = mesh_up(&cluster);
     let client_netns = cluster.layout().pod_netns(client.uid().unwrap());
-    let svc = cluster
-        .store()
-        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
-        .unwrap()
-        .unwrap();
-    let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
+    let url = format!("http://{vip}/");
     let flows = |count: u32| {
         let lines = echo_lines(&cluster, "b", "client", &url, count);
         lines.len() == count as usize && lines.iter().all(|l| l["status"] == 200)
@@ -1269,18 +1267,9 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
         return;
     }
     let cluster = TestCluster::up("t-agent", 2);
-    cluster.apply_yaml(MESH).unwrap();
-    cluster
-        .wait_ready("a", &[("app", "echo")], 2, READY)
-        .unwrap();
-    let client = cluster.wait_ready("b", &[], 1, READY).unwrap().remove(0);
+    let (client, vip) = mesh_up(&cluster);
     let client_netns = cluster.layout().pod_netns(client.uid().unwrap());
-    let svc = cluster
-        .store()
-        .get(&ObjectKey::new("", "Service", Some("a"), "echo"))
-        .unwrap()
-        .unwrap();
-    let url = format!("http://{}/", svc.0["spec"]["clusterIP"].as_str().unwrap());
+    let url = format!("http://{vip}/");
     let flows = |count: u32| {
         let lines = echo_lines(&cluster, "b", "client", &url, count);
         lines.len() == count as usize && lines.iter().all(|l| l["status"] == 200)
