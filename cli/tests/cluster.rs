@@ -106,8 +106,29 @@ spec:
 /// requests runs on its own connection (concurrency = count), so a service VIP load-balances
 /// them.
 fn echo_client(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> Vec<Value> {
+    let out = run_echo_client(cluster, ns, pod, url, count);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// `weft-echo client URL` in a pod: `count` requests, one connection each, 3 s timeout.
+fn run_echo_client(
+    cluster: &Cluster,
+    ns: &str,
+    pod: &str,
+    url: &str,
+    count: u32,
+) -> std::process::Output {
     let count = count.to_string();
-    let out = cluster
+    cluster
         .exec(
             ns,
             pod,
@@ -123,17 +144,7 @@ fn echo_client(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) ->
                 "3000",
             ],
         )
-        .expect("exec");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+        .expect("exec")
 }
 
 fn ip_of(pod: &Object) -> String {
@@ -779,24 +790,7 @@ spec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}
 
 /// Runs `weft-echo client` without asserting success; returns the JSON lines.
 fn echo_lines(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> Vec<Value> {
-    let count = count.to_string();
-    let out = cluster
-        .exec(
-            ns,
-            pod,
-            &[
-                "weft-echo",
-                "client",
-                url,
-                "--count",
-                &count,
-                "--concurrency",
-                &count,
-                "--timeout-ms",
-                "3000",
-            ],
-        )
-        .unwrap();
+    let out = run_echo_client(cluster, ns, pod, url, count);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
