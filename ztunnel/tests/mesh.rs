@@ -162,10 +162,15 @@ struct Mesh {
 }
 
 async fn mesh() -> Mesh {
+    mesh_presenting("server").await
+}
+
+/// The mesh of [`mesh`] with the server pod presenting a certificate for service account
+/// `presented` in namespace `b` (xDS says the server is `b/server`).
+async fn mesh_presenting(presented: &str) -> Mesh {
     let signer = Arc::new(Signer::generate_root("cluster.local", Config::default()).unwrap());
     let ca = LocalCa::new(signer, Duration::from_secs(3600));
     let client_id = SpiffeId::new("cluster.local", "a", "client").unwrap();
-    let server_id = SpiffeId::new("cluster.local", "b", "server").unwrap();
     let app = echo_app(SERVER_IP).await;
 
     // One state (as both ztunnels would receive the same xDS).
@@ -191,7 +196,8 @@ async fn mesh() -> Mesh {
         .unwrap();
     let hbone_port = listener.local_addr().unwrap().port();
     let (trigger, watch) = drain::channel();
-    let server_cert = Arc::new(ca.issue(&server_id).unwrap());
+    let presented = SpiffeId::new("cluster.local", "b", presented).unwrap();
+    let server_cert = Arc::new(ca.issue(&presented).unwrap());
     let metrics = Arc::new(Metrics::default());
     let tracker = ztunnel::conntrack::Tracker::new();
     tokio::spawn(tracker.clone().watch(state.clone()));
@@ -483,4 +489,39 @@ async fn a_policy_applied_live_closes_an_established_connection() {
     })
     .await
     .expect("untracked after close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_presenting_the_wrong_identity_is_refused() {
+    // Same CA and trust domain, but the pod at the server's address holds another service
+    // account's certificate: the client side must not send the app's bytes to it.
+    let mesh = mesh_presenting("impostor").await;
+    let (mut app, task) = app_connect(&mesh, SocketAddr::from((VIP, 80))).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(T, app.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "the app must not reach the impostor: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let result = tokio::time::timeout(T, task).await.unwrap().unwrap();
+    let err = result.expect_err("the outbound proxy refuses the connection");
+    let message = format!("{err:?}");
+    assert!(
+        message.contains("UnexpectedIdentity")
+            && message.contains("spiffe://cluster.local/ns/b/sa/server")
+            && message.contains("spiffe://cluster.local/ns/b/sa/impostor"),
+        "{message}"
+    );
+    // Nothing reached the server's app: no destination-side connection was opened.
+    let text = mesh_metrics(&mesh);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")),
+        "{text}"
+    );
 }
