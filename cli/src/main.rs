@@ -342,8 +342,10 @@ fn print_objects(
                     ns,
                     name,
                     format!("{ready}/{total}"),
-                    v["status"]["phase"]
+                    // As kubectl: the pod's reason when it has one, else its phase.
+                    v["status"]["reason"]
                         .as_str()
+                        .or_else(|| v["status"]["phase"].as_str())
                         .unwrap_or("Pending")
                         .to_owned(),
                     text(&v["status"]["podIP"]),

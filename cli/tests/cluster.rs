@@ -1473,3 +1473,102 @@ fn l4_authorization_policies_decide_in_the_cluster() {
     assert_eq!(answered("b", "client"), Some(false), "HTTP refused");
     assert_eq!(answered("d", "client"), Some(false), "HTTP refused");
 }
+
+#[test]
+fn an_ambient_pod_never_starts_uncaptured() {
+    if !root_or_skip("an_ambient_pod_never_starts_uncaptured") {
+        return;
+    }
+    let cluster = TestCluster::up("t-failclosed", 2);
+    let (_, vip) = mesh_up(&cluster);
+    let url = format!("http://{vip}/");
+    // The agent on node-2 is down when a pod of an ambient namespace lands there.
+    cluster.stop_cni_agent(2).unwrap();
+    cluster
+        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: late, namespace: b}\nspec: {nodeName: node-2, containers: [{name: c, command: [sleep, infinity]}]}\n")
+        .unwrap();
+    let status = || cluster.pod("b", "late").unwrap().0["status"].clone();
+    wait_until("the sandbox failure is reported", READY, || {
+        status()["reason"] == "FailedCreatePodSandBox"
+    });
+    // The CNI chain failed at weft-cni with its error result (code 11: try again later), the pod
+    // stays Pending with no IP, and no process of it runs.
+    let message = status()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("weft-cni") && message.contains("code 11"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pending = status();
+    assert_eq!(pending["phase"], "Pending", "{pending}");
+    assert!(pending["podIP"].is_null(), "{pending}");
+    let uid = cluster.pod("b", "late").unwrap().uid().unwrap().to_owned();
+    assert!(
+        weft::cluster::netns::pids(&cluster.layout().pod_netns(&uid)).is_empty(),
+        "no container runs in the failed sandbox"
+    );
+    // The kubelet-like retry succeeds once the agent is back: the pod starts captured.
+    cluster.start_cni_agent(2).unwrap();
+    let late = cluster.wait_ready("b", &[], 2, READY).unwrap();
+    assert!(late.iter().any(|p| p.name() == "late"));
+    // The restarted agent's ZDS server may not have its ztunnel back yet (`pending`); the
+    // snapshot ztunnel takes on reconnecting turns it `enabled`.
+    let annotation = |name: &str| {
+        cluster.pod("b", name).unwrap().0["metadata"]["annotations"]["ambient.istio.io/redirection"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    wait_until("the late pod enrolled", READY, || {
+        annotation("late").as_deref() == Some("enabled")
+    });
+    wait_until(
+        "the late pod reaches the service through the mesh",
+        READY,
+        || {
+            let lines = echo_lines(&cluster, "b", "late", &url, 4);
+            lines.len() == 4 && lines.iter().all(|l| l["status"] == 200)
+        },
+    );
+    let metrics = http_get_in(
+        &cluster.layout().node_netns(2),
+        cluster.ztunnel_stats_address(2),
+        "/metrics",
+    );
+    let late_ip = ip_of(&cluster.pod("b", "late").unwrap());
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("source_workload=\"late\"")),
+        "node-2's ztunnel proxied the late pod ({late_ip}): {metrics}"
+    );
+
+    // ztunnel down instead: a new ambient pod starts (its rules are in place) but is `pending`,
+    // and its traffic fails closed rather than bypassing the mesh…
+    cluster.stop_ztunnel(2).unwrap();
+    cluster
+        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: later, namespace: b}\nspec: {nodeName: node-2, containers: [{name: c, command: [sleep, infinity]}]}\n")
+        .unwrap();
+    cluster.wait_ready("b", &[], 3, READY).unwrap();
+    wait_until("the later pod pending", READY, || {
+        annotation("later").as_deref() == Some("pending")
+    });
+    let later = cluster.pod("b", "later").unwrap();
+    let rules = redirection_state(&cluster.layout().pod_netns(later.uid().unwrap()));
+    assert!(rules.contains("weft-ambient"), "{rules}");
+    let lines = echo_lines(&cluster, "b", "later", &url, 2);
+    assert!(
+        lines.iter().all(|l| l["status"] != 200),
+        "no bypass while pending: {lines:?}"
+    );
+    // …until ztunnel is back: then it is enabled and served, without a restart.
+    cluster.start_ztunnel(2).unwrap();
+    wait_until("the later pod enabled", READY, || {
+        annotation("later").as_deref() == Some("enabled")
+    });
+    wait_until("the later pod served", READY, || {
+        let lines = echo_lines(&cluster, "b", "later", &url, 4);
+        lines.len() == 4 && lines.iter().all(|l| l["status"] == 200)
+    });
+}

@@ -381,12 +381,21 @@ impl Agent {
         }
     }
 
-    /// Reconciles on every config change and every 5 s (pending pods retry) until dropped.
+    /// Reconciles on every config change, whenever a ztunnel has taken a snapshot (so `pending`
+    /// pods turn `enabled` as soon as a ztunnel holds them), and every 5 s (pending pods retry)
+    /// until dropped.
     pub async fn run_reconciler(self: Arc<Self>) {
         let mut changes = self.index.changes();
+        let mut snapshots = self.zds.snapshots();
         loop {
             self.reconcile().await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = snapshots.changed() => {}
+                }
+            })
+            .await;
         }
     }
 }

@@ -64,10 +64,14 @@ struct State {
     next_id: u64,
 }
 
+/// Counts snapshots ztunnels have acknowledged (`SnapshotSent` acked).
+type Snapshots = tokio::sync::watch::Sender<u64>;
+
 /// The ZDS server of one node.
 #[derive(Clone)]
 pub struct Server {
     state: Arc<Mutex<State>>,
+    snapshots: Arc<Snapshots>,
     path: PathBuf,
 }
 
@@ -105,6 +109,7 @@ impl Server {
             .map_err(|e| Error::Socket(path.display().to_string(), e.to_string()))?;
         let server = Server {
             state: Arc::new(Mutex::new(State::default())),
+            snapshots: Arc::new(Snapshots::new(0)),
             path: path.to_path_buf(),
         };
         tokio::spawn(server.clone().accept_loop(listener));
@@ -114,6 +119,12 @@ impl Server {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Changes each time a ztunnel acknowledges a full snapshot: every pod known then (pending
+    /// ones included) is now held by a ztunnel.
+    pub fn snapshots(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.snapshots.subscribe()
     }
 
     /// Number of connected ztunnels.
@@ -164,7 +175,7 @@ impl Server {
             };
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(err) = serve(&conn, snapshot, rx).await {
+                if let Err(err) = serve(&conn, snapshot, rx, &this.snapshots).await {
                     debug!(error = %err, "zds connection ended");
                 }
                 if let Ok(mut state) = this.state.lock() {
@@ -325,6 +336,7 @@ async fn serve(
     conn: &AsyncFd<OwnedFd>,
     snapshot: Vec<(String, WorkloadInfo, Arc<OwnedFd>)>,
     mut queue: mpsc::Receiver<Outgoing>,
+    snapshots: &Snapshots,
 ) -> Result<(), Error> {
     let hello = tokio::time::timeout(ACK_TIMEOUT, read(conn))
         .await
@@ -351,6 +363,7 @@ async fn serve(
         }
     }
     exchange(conn, Payload::SnapshotSent(SnapshotSent {}), None).await?;
+    snapshots.send_modify(|n| *n += 1);
     while let Some(outgoing) = queue.recv().await {
         let result = exchange(conn, outgoing.payload, outgoing.fd.as_deref()).await;
         let broken = matches!(result, Err(Error::NoAck(_)));

@@ -163,10 +163,10 @@ impl Invocation {
                     plugin,
                     output: stdout,
                 }),
-            Err(netns::Error::Failed { stderr, .. }) => Err(Error::Plugin {
+            Err(netns::Error::Failed { stderr, stdout, .. }) => Err(Error::Plugin {
                 command,
                 plugin,
-                message: stderr,
+                message: error_message(&stdout).unwrap_or(stderr),
             }),
             Err(err) => Err(Error::Plugin {
                 command,
@@ -175,6 +175,18 @@ impl Invocation {
             }),
         }
     }
+}
+
+/// The text of a CNI error result (`{"code", "msg", "details"}` on stdout):
+/// `code N: msg (details)`.
+fn error_message(stdout: &str) -> Option<String> {
+    let error: Value = serde_json::from_str(stdout).ok()?;
+    let code = error["code"].as_u64()?;
+    let msg = error["msg"].as_str().unwrap_or_default();
+    Some(match error["details"].as_str().filter(|d| !d.is_empty()) {
+        Some(details) => format!("code {code}: {msg} ({details})"),
+        None => format!("code {code}: {msg}"),
+    })
 }
 
 /// Builds a single plugin's config from the list: list-level `cniVersion` and `name`, and
@@ -304,6 +316,21 @@ mod tests {
         assert_eq!(config["name"], "weft");
         assert_eq!(config["cniVersion"], "1.0.0");
         assert!(config["prevResult"].is_object());
+    }
+
+    #[test]
+    fn plugin_error_results_become_the_message() {
+        assert_eq!(
+            error_message(r#"{"cniVersion":"1.0.0","code":11,"msg":"agent down","details":"connect: refused"}"#)
+                .as_deref(),
+            Some("code 11: agent down (connect: refused)")
+        );
+        assert_eq!(
+            error_message(r#"{"code":7,"msg":"bad config"}"#).as_deref(),
+            Some("code 7: bad config")
+        );
+        assert_eq!(error_message("not json"), None);
+        assert_eq!(error_message(r#"{"msg":"no code"}"#), None);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum Error {
         status: std::process::ExitStatus,
         /// What it printed on stderr.
         stderr: String,
+        /// What it printed on stdout (a CNI plugin's error result, for one).
+        stdout: String,
     },
     /// Entering a namespace failed.
     #[error("entering network namespace {name}")]
@@ -89,6 +91,7 @@ fn check(command: String, output: Output) -> Result<String, Error> {
             command,
             status: output.status,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            stdout: String::from_utf8_lossy(&output.stdout).trim().to_owned(),
         })
     }
 }

@@ -86,7 +86,21 @@ struct PodRuntime {
     containers: Vec<ContainerRuntime>,
     start_time: String,
     failure: Option<String>,
+    /// The pod's network could not be set up (CNI `ADD` failed): like the kubelet, the runner
+    /// keeps the pod `Pending` and retries sandbox creation at `retry_at`.
+    sandbox: Option<SandboxRetry>,
     last_status: Value,
+}
+
+struct SandboxRetry {
+    error: String,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+/// Delay before sandbox attempt `attempts + 1`: 0.5 s doubling to 4 s.
+fn sandbox_backoff(attempts: u32) -> Duration {
+    Duration::from_millis(500u64 << attempts.saturating_sub(1).min(3))
 }
 
 struct Runner {
@@ -350,7 +364,20 @@ impl Runner {
             let Some(uid) = object.uid().map(str::to_owned) else {
                 continue;
             };
-            if self.pods.contains_key(&uid) {
+            if let Some(runtime) = self.pods.get(&uid) {
+                let due = runtime
+                    .sandbox
+                    .as_ref()
+                    .is_some_and(|r| r.retry_at <= Instant::now());
+                if due {
+                    let attempts = runtime.sandbox.as_ref().map_or(0, |r| r.attempts);
+                    let mut runtime = self.start_pod(&object, &uid);
+                    if let Some(retry) = runtime.sandbox.as_mut() {
+                        retry.attempts = attempts + 1;
+                        retry.retry_at = Instant::now() + sandbox_backoff(retry.attempts);
+                    }
+                    self.pods.insert(uid, runtime);
+                }
                 continue;
             }
             if !object.0["status"]["phase"].is_null() {
@@ -399,8 +426,11 @@ impl Runner {
             containers: Vec::new(),
             start_time: store::timestamp(),
             failure: None,
+            sandbox: None,
             last_status: Value::Null,
         };
+        // Network set-up failures are retried (the pod stays Pending); the rest fail the pod.
+        let mut sandbox_error = None;
         let result = (|| -> Result<(), String> {
             let pod: Pod = object.typed().map_err(|(f, m)| format!("{f}: {m}"))?;
             let spec = pod.spec.ok_or("pod has no spec")?;
@@ -411,13 +441,17 @@ impl Runner {
             let pod_dir = self.config.layout.pod_dir(uid);
             std::fs::create_dir_all(&pod_dir)
                 .map_err(|e| format!("creating {}: {e}", pod_dir.display()))?;
-            netns::add(&netns_name).map_err(|e| e.to_string())?;
-            let list =
-                cni::read_conflist(&self.conflist_path(runtime.node)).map_err(|e| e.to_string())?;
-            let invocation = self.invocation(&runtime);
-            let result = cni::add(&list, &invocation).map_err(|e| e.to_string())?;
+            let network = (|| -> Result<Value, String> {
+                netns::add(&netns_name).map_err(|e| e.to_string())?;
+                let list = cni::read_conflist(&self.conflist_path(runtime.node))
+                    .map_err(|e| e.to_string())?;
+                let result =
+                    cni::add(&list, &self.invocation(&runtime)).map_err(|e| e.to_string())?;
+                runtime.ip = Some(cni::pod_ip(&result).map_err(|e| e.to_string())?);
+                Ok(result)
+            })();
+            let result = network.inspect_err(|message| sandbox_error = Some(message.clone()))?;
             let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
-            runtime.ip = Some(cni::pod_ip(&result).map_err(|e| e.to_string())?);
             runtime.cni_result = Some(result);
             let env_base = self.base_env(object, &runtime, spec.service_account_name.as_deref())?;
             for container in &spec.containers {
@@ -438,8 +472,17 @@ impl Runner {
         match result {
             Ok(()) => info!(pod = %key, ip = ?runtime.ip, node = runtime.node, "pod started"),
             Err(message) => {
-                warn!(pod = %key, error = %message, "pod failed to start");
-                runtime.failure = Some(message);
+                if sandbox_error.is_some() {
+                    warn!(pod = %key, error = %message, "creating the pod sandbox failed; retrying");
+                    runtime.sandbox = Some(SandboxRetry {
+                        error: message,
+                        attempts: 1,
+                        retry_at: Instant::now() + sandbox_backoff(1),
+                    });
+                } else {
+                    warn!(pod = %key, error = %message, "pod failed to start");
+                    runtime.failure = Some(message);
+                }
                 for container in &mut runtime.containers {
                     kill_group(container);
                 }
@@ -995,6 +1038,18 @@ fn field_value(
 fn pod_status(runtime: &PodRuntime) -> Value {
     let condition =
         |kind: &str, ok: bool| json!({"type": kind, "status": if ok { "True" } else { "False" }});
+    if let Some(retry) = &runtime.sandbox {
+        // As the kubelet reports it: Pending, containers waiting in ContainerCreating, the CNI
+        // error in the message (Kubernetes puts it in a FailedCreatePodSandBox event).
+        return json!({
+            "phase": "Pending",
+            "reason": "FailedCreatePodSandBox",
+            "message": format!("Failed to create pod sandbox (attempt {}): {}", retry.attempts, retry.error),
+            "hostIP": layout::node_ip(runtime.node).to_string(),
+            "startTime": runtime.start_time,
+            "conditions": [condition("PodScheduled", runtime.node != 0), condition("Ready", false)],
+        });
+    }
     if let Some(message) = &runtime.failure {
         return json!({
             "phase": "Failed",
