@@ -3,7 +3,9 @@
 //! * `hbone`: single-stream loopback throughput of plain TCP, plain mTLS and HBONE.
 //! * `controller`: the control plane on a synthetic cluster: full translation time,
 //!   change-to-delta latency with N connected delta ADS clients, resident memory.
-//! * `run`: every scenario in turn (`hbone`, then `controller`).
+//! * `mesh`: the L4 mesh on a 2-node local cluster vs the same pods without it: cross-node
+//!   throughput, fixed-rate 1 KiB latency, ztunnel memory per idle proxied connection (root).
+//! * `run`: every scenario in turn (`hbone`, `controller`, then `mesh`).
 //!
 //! Results go to stdout as a Markdown table and to `bench/results/<scenario>-<unix-time>.json`.
 
@@ -13,6 +15,7 @@
 
 mod controller;
 mod hbone;
+mod mesh;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -40,7 +43,9 @@ enum Command {
     Hbone(hbone::Args),
     /// Control plane: full translation, change-to-delta latency with N ADS clients, memory.
     Controller(controller::Args),
-    /// Every scenario in turn: hbone, then controller.
+    /// The L4 mesh on the local cluster vs no mesh: throughput, latency, ztunnel memory (root).
+    Mesh(mesh::Args),
+    /// Every scenario in turn: hbone, controller, then mesh.
     Run(RunArgs),
 }
 
@@ -52,6 +57,9 @@ struct RunArgs {
 
     #[command(flatten, next_help_heading = "controller")]
     controller: controller::Args,
+
+    #[command(flatten, next_help_heading = "mesh")]
+    mesh: mesh::Args,
 }
 
 fn default_results_dir() -> PathBuf {
@@ -67,10 +75,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Hbone(args) => run_hbone(&runtime, &args, &cli.results_dir),
         Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
+        Command::Mesh(args) => run_mesh(&args, &cli.results_dir),
         Command::Run(args) => {
             run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
             println!();
-            run_controller(&runtime, &args.controller, &cli.results_dir)
+            run_controller(&runtime, &args.controller, &cli.results_dir)?;
+            println!();
+            run_mesh(&args.mesh, &cli.results_dir)
         }
     }
 }
@@ -79,6 +90,14 @@ fn run_hbone(runtime: &Runtime, args: &hbone::Args, results_dir: &Path) -> anyho
     let result = runtime.block_on(hbone::run(args))?;
     report::print_hbone(&result);
     let path = report::write_hbone_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_mesh(args: &mesh::Args, results_dir: &Path) -> anyhow::Result<()> {
+    let result = mesh::run(args)?;
+    mesh::print(&result);
+    let path = mesh::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

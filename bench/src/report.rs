@@ -97,6 +97,18 @@ impl Machine {
     }
 }
 
+/// `CPU: <model> (<n> cores)`, for a report's footer.
+pub(crate) fn machine_line() -> String {
+    let machine = Machine::detect();
+    format!("CPU: {} ({} cores)", machine.cpu_model, machine.cores)
+}
+
+/// The machine as JSON: `{"cpu_model", "cores"}`.
+pub(crate) fn machine_json() -> serde_json::Value {
+    let machine = Machine::detect();
+    serde_json::json!({"cpu_model": machine.cpu_model, "cores": machine.cores})
+}
+
 /// The crypto provider the TLS paths ran on.
 fn crypto_provider() -> &'static str {
     if cfg!(feature = "fips") {

@@ -567,13 +567,19 @@ impl Cluster {
     /// # Errors
     /// [`Error::Runner`] if no ztunnel was started on that node.
     pub fn stop_ztunnel(&self, node: u8) -> Result<(), Error> {
-        let path = self.layout.node_dir(node).join("ztunnel.pid");
-        let pid = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-            .ok_or_else(|| Error::Runner(format!("no ztunnel pid in {}", path.display())))?;
+        let pid = self
+            .ztunnel_pid(node)
+            .ok_or_else(|| Error::Runner(format!("no ztunnel pid recorded for node-{node}")))?;
         stop_process(pid);
         Ok(())
+    }
+
+    /// The process id of the ztunnel last started on node `node`, if one was.
+    pub fn ztunnel_pid(&self, node: u8) -> Option<i32> {
+        let path = self.layout.node_dir(node).join("ztunnel.pid");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
     }
 
     /// The controller's state directory (CA root, bootstrap tokens).
