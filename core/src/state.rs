@@ -23,7 +23,7 @@ mod workload;
 pub use cidr::{Cidr, CidrError};
 pub use error::{Error, Reason};
 pub use gateway::{GatewayAddress, GatewayDestination};
-pub use outbound::{Decision, SELF_PORTS, random_below};
+pub use outbound::{Decision, SELF_PORTS, random_below, target_port};
 pub use resource::Resource;
 pub use service::{HealthPolicy, LoadBalancing, LoadBalancingMode, RoutingScope, Service, Vip};
 pub use service::{Visibility, WeightedWaypoint};

@@ -24,7 +24,7 @@ use tracing::{debug, info};
 use weft_core::hbone::headers::{BAGGAGE, Baggage};
 use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 use weft_core::policy::{self, Verdict};
-use weft_core::state::{SELF_PORTS, Workload, WorkloadType};
+use weft_core::state::{SELF_PORTS, Workload, WorkloadType, target_port};
 
 use crate::conntrack::{Revocable, Tracker};
 use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
@@ -104,13 +104,39 @@ impl<C: AppConnector> Inbound<C> {
             debug!(uid = %self.workload_uid, "refused: local workload unknown");
             return Err(Refusal::Unavailable);
         };
-        let Authority::Addr(dst) = request.authority else {
-            return Err(Refusal::BadRequest); // hostname targets need a waypoint (later)
+        let dst = match &request.authority {
+            Authority::Addr(dst) => {
+                if !local.ips.contains(&dst.ip()) {
+                    debug!(dst.addr = %dst, "refused: authority is not this pod");
+                    return Err(Refusal::BadRequest);
+                }
+                *dst
+            }
+            // `service-hostname:service-port`: the service as seen from this pod's namespace,
+            // which this pod must back; the port maps to the target port like a VIP would.
+            Authority::Host { host, port } => {
+                let Some(service) = inner.workloads.service_by_hostname(host, &local.namespace)
+                else {
+                    debug!(dst.host = %host, "refused: no such service");
+                    return Err(Refusal::Unavailable);
+                };
+                if local.service_ports(service.key()).is_none() {
+                    debug!(dst.host = %host, "refused: this pod does not back the service");
+                    return Err(Refusal::BadRequest);
+                }
+                let same_family = local
+                    .ips
+                    .iter()
+                    .find(|ip| ip.is_ipv4() == request.peer_addr.is_ipv4())
+                    .or_else(|| local.ips.first());
+                let (Some(target), Some(ip)) = (target_port(local, service, *port), same_family)
+                else {
+                    debug!(dst.host = %host, dst.port = port, "refused: no target port");
+                    return Err(Refusal::Unavailable);
+                };
+                SocketAddr::new(*ip, target)
+            }
         };
-        if !local.ips.contains(&dst.ip()) {
-            debug!(dst.addr = %dst, "refused: authority is not this pod");
-            return Err(Refusal::BadRequest);
-        }
         if SELF_PORTS.contains(&dst.port()) {
             return Err(Refusal::Unavailable);
         }

@@ -19,7 +19,9 @@ use weft_core::{SpiffeId, WorkloadCertificate, drain};
 use weft_proto::istio::security::{
     Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match,
 };
-use weft_proto::istio::workload::{Address, Workload, address};
+use weft_proto::istio::workload::{
+    Address, NetworkAddress, Port, PortList, Service, Workload, address,
+};
 use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use ztunnel::inbound::{AppConnector, Inbound};
 use ztunnel::state::ProxyState;
@@ -301,4 +303,102 @@ async fn l4_authorization_decides_with_401() {
         fx.connect(&a, &app).await.unwrap_err(),
         Some(StatusCode::UNAUTHORIZED)
     );
+}
+
+fn service(name: &str, vip: [u8; 4], target_port: u32) -> Update {
+    let hostname = format!("{name}.b.svc.cluster.local");
+    let s = Address {
+        r#type: Some(address::Type::Service(Service {
+            name: name.into(),
+            namespace: "b".into(),
+            hostname: hostname.clone(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vip.to_vec(),
+                length: None,
+            }],
+            ports: vec![Port {
+                service_port: 80,
+                target_port,
+                app_protocol: 0,
+            }],
+            ..Default::default()
+        })),
+    };
+    upsert(
+        &format!("b/{hostname}"),
+        ADDRESS_TYPE_URL,
+        s.encode_to_vec(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostname_authorities_resolve_to_this_pods_target_port() {
+    let fx = start().await;
+    let app_port = u32::from(fx.app.port());
+    // srv backs echo.b (service port 80 → the app's port by its own port map; the service's
+    // own target port is deliberately wrong); other.b exists but srv is not its endpoint.
+    let mut srv = Workload {
+        uid: "srv".into(),
+        name: "server".into(),
+        namespace: "b".into(),
+        service_account: "server".into(),
+        addresses: vec![vec![127, 0, 0, 1]],
+        ..Default::default()
+    };
+    srv.services.insert(
+        "b/echo.b.svc.cluster.local".into(),
+        PortList {
+            ports: vec![Port {
+                service_port: 80,
+                target_port: app_port,
+                app_protocol: 0,
+            }],
+        },
+    );
+    let rejected = fx.state.handlers()[0].apply(vec![
+        upsert(
+            "srv",
+            ADDRESS_TYPE_URL,
+            Address {
+                r#type: Some(address::Type::Workload(srv)),
+            }
+            .encode_to_vec(),
+        ),
+        service("echo", [10, 96, 0, 1], 1),
+        service("other", [10, 96, 0, 2], app_port),
+    ]);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let client = id("a", "client");
+
+    let mut stream = fx
+        .connect(&client, "echo.b.svc.cluster.local:80")
+        .await
+        .unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(T, stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // Not an endpoint of that service → 400; no such service or port → 503.
+    for (authority, status) in [
+        ("other.b.svc.cluster.local:80", StatusCode::BAD_REQUEST),
+        (
+            "nope.b.svc.cluster.local:80",
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "echo.b.svc.cluster.local:81",
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ] {
+        assert_eq!(
+            fx.connect(&client, authority).await.unwrap_err(),
+            Some(status),
+            "{authority}"
+        );
+    }
 }

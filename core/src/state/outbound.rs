@@ -124,7 +124,7 @@ fn expected_identities(workload: &Workload, service: Option<&Service>) -> Vec<Sp
 
 /// The endpoint's target port for `service_port`: its own port map, else the service's
 /// `target_port` (0 = named port, unresolvable without the endpoint's map).
-fn target_port(workload: &Workload, service: &Service, service_port: u16) -> Option<u16> {
+pub fn target_port(workload: &Workload, service: &Service, service_port: u16) -> Option<u16> {
     if let Some(p) = workload
         .service_ports(service.key())
         .and_then(|ports| ports.iter().find(|p| p.service_port == service_port))
