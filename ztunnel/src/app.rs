@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::{ca_client, cert_manager, drain, xds};
 
 use crate::config::Config;
+use crate::logging;
 use crate::metrics::{self, Metrics};
 use crate::netns::InpodNetns;
 use crate::pod::{PodProxy, Shared};
@@ -62,8 +63,12 @@ pub enum Error {
 
 /// A pod handed over by the node agent: its netns, and its proxy once started.
 struct Slot {
+    /// `namespace/name`.
+    name: String,
     netns: crate::netns::Id,
     proxy: Arc<std::sync::Mutex<Option<PodProxy>>>,
+    /// Why the proxy has not started yet (last attempt).
+    error: Arc<std::sync::Mutex<Option<String>>>,
     starter: tokio::task::JoinHandle<()>,
 }
 
@@ -82,15 +87,64 @@ struct PodManager {
     snapshot_applied: Arc<AtomicBool>,
 }
 
-/// Pods whose proxies have not started yet (readiness waits for none).
-fn pending_pods(pods: &std::sync::Mutex<HashMap<String, Slot>>) -> usize {
+/// Pods whose proxies have not started yet (readiness waits for none): `namespace/name` and
+/// the last start error.
+fn pending_pods(pods: &std::sync::Mutex<HashMap<String, Slot>>) -> Vec<(String, Option<String>)> {
     pods.lock()
         .map(|p| {
-            p.values()
+            let mut pending: Vec<(String, Option<String>)> = p
+                .values()
                 .filter(|s| s.proxy.lock().map(|p| p.is_none()).unwrap_or(true))
-                .count()
+                .map(|s| (s.name.clone(), s.error.lock().ok().and_then(|e| e.clone())))
+                .collect();
+            pending.sort();
+            pending
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// The readiness report: what is still pending, one line each (empty = ready).
+fn pending_lines(
+    xds_ready: bool,
+    snapshot_applied: bool,
+    pods: Vec<(String, Option<String>)>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !xds_ready {
+        lines.push("xds: first Address and Authorization responses not yet applied".to_owned());
+    }
+    if !snapshot_applied {
+        lines.push("zds: the node agent's snapshot not yet received".to_owned());
+    }
+    for (pod, error) in pods {
+        lines.push(match error {
+            Some(error) => format!("pod {pod}: proxy starting ({error})"),
+            None => format!("pod {pod}: proxy starting"),
+        });
+    }
+    lines
+}
+
+/// Per-pod state for `/config_dump`.
+fn pod_states(pods: &std::sync::Mutex<HashMap<String, Slot>>) -> Vec<serde_json::Value> {
+    let Ok(pods) = pods.lock() else {
+        return Vec::new();
+    };
+    let mut out: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|(uid, slot)| {
+            let running = slot.proxy.lock().map(|p| p.is_some()).unwrap_or(false);
+            serde_json::json!({
+                "uid": uid,
+                "name": slot.name,
+                "netns": format!("{:?}", slot.netns),
+                "state": if running { "running" } else { "starting" },
+                "last_error": if running { None } else { slot.error.lock().ok().and_then(|e| e.clone()) },
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    out
 }
 
 impl zds::Manager for PodManager {
@@ -106,6 +160,9 @@ impl zds::Manager for PodManager {
             }
             let proxy = Arc::new(std::sync::Mutex::new(None));
             let slot_proxy = proxy.clone();
+            let error = Arc::new(std::sync::Mutex::new(None));
+            let slot_error = error.clone();
+            let name = format!("{}/{}", pod.info.namespace, pod.info.name);
             let shared = self.shared.clone();
             let info = pod.info;
             let netns_id = netns.id();
@@ -119,7 +176,11 @@ impl zds::Manager for PodManager {
                             return;
                         }
                         Err(err) => {
-                            debug!(pod = %info.name, error = %error_chain(&err), "pod proxy pending");
+                            let chain = error_chain(&err);
+                            debug!(pod = %info.name, error = %chain, "pod proxy pending");
+                            if let Ok(mut slot) = slot_error.lock() {
+                                *slot = Some(chain);
+                            }
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                     }
@@ -129,8 +190,10 @@ impl zds::Manager for PodManager {
             pods.insert(
                 pod.uid,
                 Slot {
+                    name,
                     netns: netns_id,
                     proxy,
+                    error,
                     starter,
                 },
             );
@@ -163,7 +226,19 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
+/// An HTTP endpoint: `(method, path, query)` → status, content type, body. The query is empty
+/// when absent.
+type Handler =
+    Arc<dyn Fn(&hyper::Method, &str, &str) -> (StatusCode, &'static str, String) + Send + Sync>;
+
+/// The value of `key` in a URL query (`a=1&b=2`), percent-decoding not needed for our keys.
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
 
 /// Serves `GET <path>` with `handler` until the drain starts.
 async fn serve_http(listener: TcpListener, handler: Handler, mut drain: drain::Watch) {
@@ -179,7 +254,11 @@ async fn serve_http(listener: TcpListener, handler: Handler, mut drain: drain::W
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (status, content_type, body) = handler(request.uri().path());
+                    let (status, content_type, body) = handler(
+                        request.method(),
+                        request.uri().path(),
+                        request.uri().query().unwrap_or(""),
+                    );
                     let response = Response::builder()
                         .status(status)
                         .header("content-type", content_type)
@@ -258,24 +337,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let snapshot_applied = Arc::new(AtomicBool::new(false));
     let pods = Arc::new(std::sync::Mutex::new(HashMap::new()));
-    let ready = {
+    // What readiness still waits for, one line each; empty when ready.
+    let pending = {
         let xds = xds_handle.clone();
         let snapshot = snapshot_applied.clone();
         let pods = pods.clone();
-        move || xds.is_ready() && snapshot.load(Ordering::SeqCst) && pending_pods(&pods) == 0
+        move || {
+            pending_lines(
+                xds.is_ready(),
+                snapshot.load(Ordering::SeqCst),
+                pending_pods(&pods),
+            )
+        }
     };
-    let readiness: Handler = Arc::new(move |path| match path {
-        "/healthz/ready" if ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
-        "/healthz/ready" => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            "not ready, pending: xds sync, zds snapshot or pod proxies\n".into(),
-        ),
+    let readiness: Handler = Arc::new(move |_, path, _| match path {
+        "/healthz/ready" => {
+            let pending = pending();
+            if pending.is_empty() {
+                (StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready; pending:\n{}\n", pending.join("\n")),
+                )
+            }
+        }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     });
     let stats: Handler = {
         let registry = registry.clone();
-        Arc::new(move |path| match path {
+        Arc::new(move |_, path, _| match path {
             "/metrics" | "/stats/prometheus" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -284,10 +376,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
     };
+    let quit = Arc::new(tokio::sync::Notify::new());
     let admin: Handler = {
         let state = state.clone();
         let certificates = certificates.clone();
-        Arc::new(move |path| match path {
+        let pods = pods.clone();
+        let quit = quit.clone();
+        Arc::new(move |method, path, query| match path {
+            "/quitquitquit" if method == hyper::Method::POST => {
+                info!("shutdown requested through /quitquitquit");
+                quit.notify_one();
+                (StatusCode::OK, "text/plain", "draining\n".into())
+            }
+            "/quitquitquit" => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST /quitquitquit to drain and exit\n".into(),
+            ),
+            "/logging" => {
+                let Some(current) = logging::current() else {
+                    return (
+                        StatusCode::NOT_IMPLEMENTED,
+                        "text/plain",
+                        "logging is not adjustable in this process\n".into(),
+                    );
+                };
+                match (method, query_value(query, "level")) {
+                    (&hyper::Method::POST, Some(level)) => match logging::set(level) {
+                        Ok(()) => {
+                            info!(level, "log level changed through /logging");
+                            (StatusCode::OK, "text/plain", format!("level: {level}\n"))
+                        }
+                        Err(message) => (StatusCode::BAD_REQUEST, "text/plain", format!("{message}\n")),
+                    },
+                    (&hyper::Method::POST, None) => (
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        "POST /logging?level=<RUST_LOG directives>, e.g. level=debug or level=ztunnel=debug,info\n".into(),
+                    ),
+                    _ => (StatusCode::OK, "text/plain", format!("level: {current}\n")),
+                }
+            }
             "/config_dump" => {
                 let inner = state.read();
                 let workloads: Vec<serde_json::Value> = inner
@@ -318,7 +447,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         })
                     })
                     .collect();
-                let dump = serde_json::json!({"workloads": workloads, "services": services, "policies": policies, "certificates": certs});
+                let dump = serde_json::json!({
+                    "workloads": workloads, "services": services, "policies": policies,
+                    "certificates": certs, "pods": pod_states(&pods),
+                });
                 (
                     StatusCode::OK,
                     "application/json",
@@ -370,10 +502,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let result = tokio::select! {
         result = zds.instrument(info_span!("zds")) => result.map_err(Error::from),
         () = &mut shutdown => Ok(()),
+        () = quit.notified() => Ok(()),
     };
     info!("draining");
     if trigger.drain(Duration::from_secs(5)).await == drain::Outcome::Forced {
         warn!("drain deadline passed; closing the rest");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_is_pending() {
+        assert!(pending_lines(true, true, Vec::new()).is_empty());
+        assert_eq!(
+            pending_lines(
+                false,
+                false,
+                vec![
+                    ("a/p".into(), Some("no certificate yet".into())),
+                    ("b/q".into(), None)
+                ]
+            ),
+            vec![
+                "xds: first Address and Authorization responses not yet applied",
+                "zds: the node agent's snapshot not yet received",
+                "pod a/p: proxy starting (no certificate yet)",
+                "pod b/q: proxy starting",
+            ]
+        );
+    }
+
+    #[test]
+    fn query_values() {
+        assert_eq!(query_value("level=debug", "level"), Some("debug"));
+        assert_eq!(
+            query_value("a=1&level=ztunnel=debug,info", "level"),
+            Some("ztunnel=debug,info")
+        );
+        assert_eq!(query_value("levels=x", "level"), None);
+        assert_eq!(query_value("", "level"), None);
+    }
 }

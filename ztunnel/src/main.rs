@@ -4,13 +4,7 @@ use clap::Parser;
 use ztunnel::config::Config;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    ztunnel::logging::init();
     let config = Config::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

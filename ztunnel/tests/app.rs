@@ -36,9 +36,16 @@ fn free_port() -> u16 {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http(addr, "GET", path).await
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     let mut conn = TcpStream::connect(addr).await.ok()?;
     conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .ok()?;
@@ -214,10 +221,7 @@ async fn ztunnel_serves_a_pod_with_the_real_controller() {
         &readiness.to_string(),
     ])
     .unwrap();
-    let (stop_ztunnel, ztunnel_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ztunnel = tokio::spawn(ztunnel::app::run(config, async move {
-        let _ = ztunnel_stopped.await;
-    }));
+    let ztunnel = tokio::spawn(ztunnel::app::run(config, std::future::pending()));
 
     // Ready once xDS synced and the agent's snapshot was applied.
     tokio::time::timeout(T, async {
@@ -280,7 +284,17 @@ async fn ztunnel_serves_a_pod_with_the_real_controller() {
         "{dump}"
     );
 
-    let _ = stop_ztunnel.send(());
+    // Per-pod state: the pod's proxy runs.
+    let dump: serde_json::Value =
+        serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(dump["pods"][0]["name"], "a/p", "{dump}");
+    assert_eq!(dump["pods"][0]["state"], "running", "{dump}");
+    // Logging is set up by the binary, not by this embedding: the endpoint says so.
+    assert_eq!(http_get(admin, "/logging").await.unwrap().0, 501);
+
+    // /quitquitquit: only POST; it drains and ends ztunnel without the shutdown signal.
+    assert_eq!(http_get(admin, "/quitquitquit").await.unwrap().0, 405);
+    assert_eq!(http(admin, "POST", "/quitquitquit").await.unwrap().0, 200);
     let result = tokio::time::timeout(T, ztunnel)
         .await
         .expect("ztunnel stops")
