@@ -7,5 +7,6 @@
 pub mod agent;
 pub mod enroll;
 pub mod plugin;
+pub mod probe;
 pub mod redirect;
 pub mod zds;
