@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod enroll;
+pub mod install;
 pub mod netns;
 pub mod plugin;
 pub mod probe;
