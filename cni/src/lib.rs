@@ -5,6 +5,7 @@
 //! source and installer mode.
 
 pub mod agent;
+pub mod annotate;
 pub mod enroll;
 pub mod install;
 pub mod netns;
