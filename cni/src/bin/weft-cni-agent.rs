@@ -56,9 +56,11 @@ struct Args {
     dns_capture: bool,
     /// SNAT locally generated TCP (kubelet probes) to enrolled pods to 169.254.7.127 /
     /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff in the agent's network namespace, which must be
-    /// the node's (nftables table `inet weft-ambient-host`).
-    #[arg(long, action = ArgAction::Set, default_value_t = true)]
-    probe_snat: bool,
+    /// the node's (nftables table `inet weft-ambient-host`). Pods must be able to route replies
+    /// to that address (a default route does). [default: true on Kubernetes, false with --files:
+    /// the local cluster's pods only have routes to the cluster ranges]
+    #[arg(long, action = ArgAction::Set)]
+    probe_snat: Option<bool>,
     /// Installer mode: the CNI bin dir to copy the plugin into (e.g. /opt/cni/bin). Needs
     /// --cni-conf-dir.
     #[arg(long, requires = "cni_conf_dir")]
@@ -135,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     info!(config = ?args, "starting");
     let installer = installer(&args)?;
+    let probe_snat = args.probe_snat.unwrap_or(args.files.is_none());
     let index = Index::new();
     let (annotator, proc_root) = match &args.files {
         Some(dir) => {
@@ -176,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         index,
         annotator,
         server,
-        args.probe_snat.then(probe::Snat::new),
+        probe_snat.then(probe::Snat::new),
     );
     agent.restore().await;
     tokio::spawn(agent.clone().run_reconciler());
