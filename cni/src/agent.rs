@@ -4,11 +4,14 @@
 //!
 //! Pods arrive two ways: the CNI plugin's synchronous `ADD` for new pods (with the netns path
 //! and IPs), and label changes on running pods seen through the config source (the netns comes
-//! from the recorded CNI `ADD`). Records survive agent restarts (a JSON file in the run dir), so
+//! from the recorded CNI `ADD`; on Kubernetes, a pod with no record, e.g. one that started
+//! before the agent was installed, is found through procfs ([`crate::netns`]) and its IPs are
+//! taken from `status.podIPs`). Records survive agent restarts (a JSON file in the run dir), so
 //! a restarted agent re-applies rules idempotently and re-sends its pods to ztunnel.
 //!
-//! This build writes annotations through the local cluster's object store (files source); on
-//! Kubernetes the same decision would patch `pods/status`.
+//! Annotations go through an [`Annotator`]: the local cluster's object store (files source) or
+//! a JSON merge patch of the pod (Kubernetes). Captured pods' IPs are kept in the node's probe
+//! SNAT set ([`crate::probe`]) when that is enabled.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -17,20 +20,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 use weft_k8s::Index;
-use weft_k8s::manifest::ObjectKey;
-use weft_k8s::store::Store;
 use weft_proto::istio::workload::zds::WorkloadInfo;
 
-use crate::enroll::{self, Decision, PodFacts, REDIRECTION_ANNOTATION};
+use crate::annotate::Annotator;
+use crate::enroll::{self, Decision, PodFacts};
 use crate::plugin::agent::{Command, Reply, Request};
 use crate::redirect::{self, PodConfig};
-use crate::zds;
+use crate::{netns, probe, zds};
 
 /// Agent settings.
 #[derive(Debug, Clone)]
@@ -47,6 +48,9 @@ pub struct Config {
     pub dns_capture: bool,
     /// How long a CNI `ADD` waits for the pod to appear in the config source.
     pub pod_wait: Duration,
+    /// Procfs to find running pods' netns in when they have no CNI record (Kubernetes mode,
+    /// usually `/proc`); `None` relies on CNI records only (the local cluster).
+    pub proc_root: Option<PathBuf>,
 }
 
 /// What the agent remembers about a pod it has seen through CNI.
@@ -68,8 +72,9 @@ pub struct Record {
 pub struct Agent {
     config: Config,
     index: Arc<Index>,
-    store: Store,
+    annotator: Annotator,
     zds: zds::Server,
+    probe: Option<probe::Snat>,
     records: Mutex<BTreeMap<String, Record>>,
 }
 
@@ -80,9 +85,16 @@ struct PodView {
 }
 
 impl Agent {
-    /// An agent reading pods from `index`, annotating through `store`, handing pods to ztunnel
-    /// through `zds`; loads the records a previous run left.
-    pub fn new(config: Config, index: Arc<Index>, store: Store, zds: zds::Server) -> Arc<Agent> {
+    /// An agent reading pods from `index`, annotating through `annotator`, handing pods to
+    /// ztunnel through `zds` and keeping captured pod IPs in `probe` (when given); loads the
+    /// records a previous run left.
+    pub fn new(
+        config: Config,
+        index: Arc<Index>,
+        annotator: Annotator,
+        zds: zds::Server,
+        probe: Option<probe::Snat>,
+    ) -> Arc<Agent> {
         let records = std::fs::read(config.run_dir.join("pods.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -90,8 +102,9 @@ impl Agent {
         Arc::new(Agent {
             config,
             index,
-            store,
+            annotator,
             zds,
+            probe,
             records: Mutex::new(records),
         })
     }
@@ -131,23 +144,22 @@ impl Agent {
     }
 
     /// Sets (`Some`) or removes (`None`) the redirection annotation on a pod.
-    fn annotate(&self, namespace: &str, name: &str, value: Option<&str>) {
-        let key = ObjectKey::new("", "Pod", Some(namespace), name);
-        let Ok(_lock) = self.store.lock() else { return };
-        let Ok(Some(mut pod)) = self.store.get(&key) else {
-            return;
-        };
-        let annotations = &mut pod.0["metadata"]["annotations"];
-        match value {
-            Some(value) => annotations[REDIRECTION_ANNOTATION] = json!(value),
-            None => {
-                if let Some(map) = annotations.as_object_mut() {
-                    map.remove(REDIRECTION_ANNOTATION);
-                }
-            }
+    async fn annotate(&self, namespace: &str, name: &str, value: Option<&str>) {
+        if let Err(err) = self.annotator.set(namespace, name, value).await {
+            warn!(pod = %name, namespace, error = %err, "annotating pod failed");
         }
-        if let Err(err) = self.store.put(&pod) {
-            warn!(pod = %key, error = %err, "annotating pod failed");
+    }
+
+    /// Adds or removes a pod's IPs in the probe SNAT set (when enabled).
+    fn probe_ips(&self, record: &Record, add: bool) {
+        let Some(probe) = &self.probe else { return };
+        let (adding, removing) = if add {
+            (record.ips.as_slice(), &[][..])
+        } else {
+            (&[][..], record.ips.as_slice())
+        };
+        if let Err(err) = probe.update(adding, removing) {
+            warn!(pod = %record.name, namespace = %record.namespace, error = %err, "updating the probe SNAT set failed");
         }
     }
 
@@ -166,6 +178,7 @@ impl Agent {
             bypass_inbound: false,
         };
         redirect::apply(&record.netns, &config).map_err(|e| e.to_string())?;
+        self.probe_ips(record, true);
         let fd = std::fs::File::open(&record.netns)
             .map_err(|e| format!("opening {}: {e}", record.netns.display()))?;
         let info = WorkloadInfo {
@@ -181,7 +194,8 @@ impl Agent {
             }
         };
         if record.state.as_deref() != Some(state) {
-            self.annotate(&record.namespace, &record.name, Some(state));
+            self.annotate(&record.namespace, &record.name, Some(state))
+                .await;
         }
         record.state = Some(state.to_owned());
         info!(pod = %record.name, namespace = %record.namespace, state, "pod captured");
@@ -198,8 +212,9 @@ impl Agent {
             debug!(error = %err, "removing rules failed (pod gone?)");
         }
         self.zds.del_pod(uid).await;
+        self.probe_ips(record, false);
         if pod_exists {
-            self.annotate(&record.namespace, &record.name, None);
+            self.annotate(&record.namespace, &record.name, None).await;
         }
         record.state = None;
         info!(pod = %record.name, namespace = %record.namespace, "pod released");
@@ -259,6 +274,7 @@ impl Agent {
                 if let Some(record) = records.remove(&uid) {
                     if record.state.is_some() {
                         self.zds.del_pod(&uid).await;
+                        self.probe_ips(&record, false);
                     }
                     self.save(&records).await;
                 }
@@ -299,12 +315,21 @@ impl Agent {
             if !exists {
                 if record.state.is_some() {
                     self.zds.del_pod(&uid).await;
+                    self.probe_ips(&record, false);
                 }
                 records.remove(&uid);
                 changed = true;
                 continue;
             }
-            let netns_alive = Path::new(&record.netns).exists();
+            let mut netns_alive = Path::new(&record.netns).exists();
+            if wanted
+                && !netns_alive
+                && let Some(found) = self.discover(&uid)
+            {
+                // Kubernetes: the process the path pointed at is gone; the pod lives on.
+                record.netns = found;
+                netns_alive = true;
+            }
             match (wanted, record.state.as_deref()) {
                 (true, Some("enabled")) => {}
                 (true, _) if netns_alive => {
@@ -321,15 +346,111 @@ impl Agent {
                 changed = true;
             }
         }
+        changed |= self.capture_unrecorded(&mut records).await;
         if changed {
             self.save(&records).await;
         }
+    }
+
+    /// The netns of a running pod found through procfs, in Kubernetes mode.
+    fn discover(&self, uid: &str) -> Option<PathBuf> {
+        let proc_root = self.config.proc_root.as_ref()?;
+        match netns::find(proc_root, uid) {
+            Ok(found) => found,
+            Err(err) => {
+                warn!(pod.uid = uid, error = %err, "looking up the pod's netns failed");
+                None
+            }
+        }
+    }
+
+    /// Kubernetes mode: captures pods of this node that should be enrolled but never passed
+    /// through the plugin (enrolled after they started). Their netns comes from procfs and
+    /// their IPs from `status.podIPs` (or `podIP`). Returns whether a record was added.
+    async fn capture_unrecorded(&self, records: &mut BTreeMap<String, Record>) -> bool {
+        if self.config.proc_root.is_none() {
+            return false;
+        }
+        let candidates: Vec<(String, String, String, Vec<IpAddr>)> = self.index.read(|snap| {
+            snap.pods
+                .iter()
+                .filter_map(|((namespace, name), pod)| {
+                    let uid = pod.metadata.uid.clone()?;
+                    let spec = pod.spec.as_ref()?;
+                    if records.contains_key(&uid)
+                        || spec.node_name.as_deref() != Some(self.config.node.as_str())
+                    {
+                        return None;
+                    }
+                    let status = pod.status.as_ref()?;
+                    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+                        return None;
+                    }
+                    let mut ips: Vec<IpAddr> = status
+                        .pod_ips
+                        .iter()
+                        .flatten()
+                        .filter_map(|p| p.ip.parse().ok())
+                        .collect();
+                    if ips.is_empty() {
+                        ips.extend(
+                            status
+                                .pod_ip
+                                .as_deref()
+                                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                        );
+                    }
+                    (!ips.is_empty()).then(|| (uid, namespace.clone(), name.clone(), ips))
+                })
+                .collect()
+        });
+        let mut added = false;
+        for (uid, namespace, name, ips) in candidates {
+            let Some(view) = self.view(&namespace, &name) else {
+                continue;
+            };
+            if view.decision != Decision::Enroll {
+                continue;
+            }
+            let Some(netns) = self.discover(&uid) else {
+                debug!(pod = %name, namespace = %namespace, "no process of the pod yet; retrying later");
+                continue;
+            };
+            let mut record = Record {
+                namespace,
+                name,
+                netns,
+                ips,
+                state: None,
+            };
+            match self.capture(&uid, &mut record, &view.service_account).await {
+                Ok(()) => {
+                    records.insert(uid, record);
+                    added = true;
+                }
+                Err(err) => {
+                    warn!(pod = %record.name, namespace = %record.namespace, error = %err, "capture failed")
+                }
+            }
+        }
+        added
     }
 
     /// After a restart: re-captures every pod recorded as captured (rules are re-applied
     /// idempotently and the pods go to ztunnel again).
     pub async fn restore(&self) {
         let mut records = self.records.lock().await;
+        if let Some(probe) = &self.probe {
+            // The probe table, created whole with the IPs of every pod still captured.
+            let ips = records
+                .values()
+                .filter(|r| r.state.is_some() && Path::new(&r.netns).exists())
+                .flat_map(|r| r.ips.iter().copied())
+                .collect();
+            if let Err(err) = probe.sync(&ips) {
+                warn!(error = %err, "creating the probe SNAT table failed");
+            }
+        }
         for (uid, record) in records.iter_mut() {
             if record.state.is_some() && Path::new(&record.netns).exists() {
                 let sa = self

@@ -262,7 +262,7 @@ pub enum Error {
 
 /// Runs `program args` with `input` on stdin inside the netns at `path`: a thread enters the
 /// namespace and spawns the child from there (children inherit their parent thread's netns).
-fn run_in(
+pub(crate) fn run_in(
     path: &Path,
     program: &str,
     args: &[String],

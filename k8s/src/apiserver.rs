@@ -15,12 +15,17 @@ use tracing::{Instrument, info_span, warn};
 use crate::index::{Index, Kind, Resource};
 
 /// Watches one kind until the stream ends (it does not, unless the runtime shuts down).
-async fn watch_kind<K>(api: Api<K>, kind: Kind, index: Arc<Index>, wrap: fn(Arc<K>) -> Resource)
-where
+async fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    index: Arc<Index>,
+    wrap: fn(Arc<K>) -> Resource,
+) where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let mut buffer: Vec<Resource> = Vec::new();
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         match event {
@@ -43,8 +48,22 @@ fn start<K>(
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    start_with(api, watcher::Config::default(), kind, index, wrap)
+}
+
+fn start_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    index: Arc<Index>,
+    wrap: fn(Arc<K>) -> Resource,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     tokio::spawn(
-        watch_kind(api, kind, index, wrap).instrument(info_span!("watch", k8s.kind = ?kind)),
+        watch_kind(api, config, kind, index, wrap)
+            .instrument(info_span!("watch", k8s.kind = ?kind)),
     )
 }
 
@@ -104,4 +123,31 @@ pub fn spawn(
 /// Watchers for every kind the index holds.
 pub fn spawn_all(client: Client, index: Arc<Index>) -> Vec<tokio::task::JoinHandle<()>> {
     spawn(client, index, &Kind::ALL)
+}
+
+/// Watchers for a node agent (istio-ambient reference §4.3): every Namespace (for their
+/// enrollment labels) and only the Pods scheduled to `node`, through the field selector
+/// `spec.nodeName=<node>` on both the list and the watch requests.
+pub fn spawn_node(
+    client: Client,
+    index: Arc<Index>,
+    node: &str,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    vec![
+        start(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespace,
+            index.clone(),
+            Resource::Namespace,
+        ),
+        start_with(
+            Api::<Pod>::all(client),
+            pods,
+            Kind::Pod,
+            index,
+            Resource::Pod,
+        ),
+    ]
 }

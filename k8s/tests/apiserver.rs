@@ -105,3 +105,71 @@ async fn list_and_watch_reach_the_index() {
     .unwrap_or_else(|_| panic!("index did not follow the watch: {:?}", index.snapshot()));
     server.abort();
 }
+
+#[tokio::test]
+async fn a_node_agent_lists_and_watches_only_its_nodes_pods() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let index = Index::new();
+    let mut changes = index.changes();
+    let _tasks = weft_k8s::apiserver::spawn_node(client, index.clone(), "node-1");
+
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let server = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        loop {
+            let Some((request, send)) = handle.next_request().await else {
+                return;
+            };
+            let uri = request.uri().to_string();
+            let _ = seen_tx.send(uri.clone());
+            let body = match (request.uri().path(), uri.contains("watch=true")) {
+                ("/api/v1/namespaces", false) => {
+                    list("NamespaceList", vec![namespace("a", "5", json!({}))])
+                }
+                ("/api/v1/pods", false) => list("PodList", vec![pod("p1", "6")]),
+                _ => {
+                    pending.push(send);
+                    continue;
+                }
+            };
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(body))
+                    .unwrap(),
+            );
+        }
+    });
+
+    tokio::time::timeout(T, async {
+        while !index.snapshot().pods.keys().any(|(_, n)| n == "p1") {
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    })
+    .await
+    .expect("the pod list reaches the index");
+
+    // Both pod requests (list, then watch) carry the node's field selector; namespaces do not.
+    let mut uris = Vec::new();
+    tokio::time::timeout(T, async {
+        while uris
+            .iter()
+            .filter(|u: &&String| u.starts_with("/api/v1/pods"))
+            .count()
+            < 2
+            || !uris
+                .iter()
+                .any(|u: &String| u.starts_with("/api/v1/namespaces"))
+        {
+            uris.push(seen_rx.recv().await.expect("server running"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("expected a list and a watch of pods, saw {uris:?}"));
+    for uri in &uris {
+        let selected = uri.contains("fieldSelector=spec.nodeName%3Dnode-1");
+        assert_eq!(uri.starts_with("/api/v1/pods"), selected, "{uri}");
+    }
+    server.abort();
+}
