@@ -1008,6 +1008,21 @@ fn the_ambient_mesh_carries_pod_traffic_over_hbone() {
     });
     let lines = echo_lines(&cluster, "b", "client", &url, 4);
     assert!(lines.iter().all(|l| l["status"] == 200), "{lines:?}");
+    // Node-local health probes still reach enrolled pods under STRICT: the agent SNATs them to
+    // the probe address, which the in-pod rules let bypass ztunnel (as the kubelet's probes).
+    let server = &servers[0];
+    let node = server.0["spec"]["nodeName"].as_str().unwrap();
+    let node = node.trim_start_matches("node-").parse::<u8>().unwrap();
+    let probe_addr: std::net::SocketAddr = format!("{}:8080", ip_of(server)).parse().unwrap();
+    let seen = http_get_in(&cluster.layout().node_netns(node), probe_addr, "/");
+    let seen: Value = serde_json::from_str(seen.split("\r\n\r\n").nth(1).unwrap_or(&seen))
+        .unwrap_or_else(|_| panic!("probe answer: {seen}"));
+    assert!(
+        seen["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("169.254.7.127:")),
+        "{seen}"
+    );
 
     // Labelling the running outsider's namespace enrolls it live, without a restart: its next
     // connections go through the mesh and pass STRICT.

@@ -63,7 +63,8 @@ pub enum Error {
 }
 
 /// The network configuration list for node `node`: `bridge` (pod bridge `cni0` with the node's
-/// pod CIDR from `host-local`, routes only to the cluster ranges — no default route) followed by
+/// pod CIDR from `host-local`, routes only to the cluster ranges and the probe SNAT address — no
+/// default route) followed by
 /// `extra` chained plugins (e.g. the Weft CNI plugin).
 pub fn conflist(layout: &Layout, node: u8, extra: &[Value]) -> Value {
     let ipam_dir = layout.node_dir(node).join("ipam");
@@ -84,6 +85,9 @@ pub fn conflist(layout: &Layout, node: u8, extra: &[Value]) -> Value {
                 {"dst": net(layout::POD_NETWORK)},
                 {"dst": net(layout::SERVICE_NETWORK)},
                 {"dst": net(layout::NODE_NETWORK)},
+                // Replies to node-local health probes, which the node agent SNATs to the
+                // ambient probe address (Istio's 169.254.7.127) for enrolled pods.
+                {"dst": "169.254.7.127/32"},
             ],
             "dataDir": ipam_dir,
         }
@@ -311,7 +315,15 @@ mod tests {
             .iter()
             .map(|r| r["dst"].as_str().unwrap())
             .collect();
-        assert_eq!(routes, ["10.244.0.0/16", "10.96.0.0/16", "10.240.0.0/24"]);
+        assert_eq!(
+            routes,
+            [
+                "10.244.0.0/16",
+                "10.96.0.0/16",
+                "10.240.0.0/24",
+                "169.254.7.127/32"
+            ]
+        );
         let config = plugin_config(&list, &plugins[1], Some(&json!({"ips": []})));
         assert_eq!(config["name"], "weft");
         assert_eq!(config["cniVersion"], "1.0.0");

@@ -57,10 +57,9 @@ struct Args {
     /// SNAT locally generated TCP (kubelet probes) to enrolled pods to 169.254.7.127 /
     /// fd16:9254:7127:1337:ffff:ffff:ffff:ffff in the agent's network namespace, which must be
     /// the node's (nftables table `inet weft-ambient-host`). Pods must be able to route replies
-    /// to that address (a default route does). [default: true on Kubernetes, false with --files:
-    /// the local cluster's pods only have routes to the cluster ranges]
-    #[arg(long, action = ArgAction::Set)]
-    probe_snat: Option<bool>,
+    /// to that address (a default route does; the local cluster's pods get a route to it).
+    #[arg(long, action = ArgAction::Set, default_value_t = true)]
+    probe_snat: bool,
     /// Installer mode: the CNI bin dir to copy the plugin into (e.g. /opt/cni/bin). Needs
     /// --cni-conf-dir.
     #[arg(long, requires = "cni_conf_dir")]
@@ -137,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     info!(config = ?args, "starting");
     let installer = installer(&args)?;
-    let probe_snat = args.probe_snat.unwrap_or(args.files.is_none());
+    let probe_snat = args.probe_snat;
     let index = Index::new();
     let (annotator, proc_root) = match &args.files {
         Some(dir) => {
