@@ -269,12 +269,33 @@ pub(crate) fn run(args: &Args) -> Result<MeshResult> {
         }
     }
 
-    let plain_latency = fixed_rate(path_addr(plain)?, &plain.client_netns, args)?;
+    // Latency: a 1 s warm-up per path (discarded), then two rounds alternating the paths, each
+    // half the duration, so neither path always runs first (caches, CPU frequency, leftovers
+    // of the throughput runs).
+    let half = args.latency_secs.div_ceil(2).max(1);
+    for path in [plain, mesh] {
+        fixed_rate(path_addr(path)?, &path.client_netns, args, 1)?;
+    }
+    let mut samples = [(Vec::new(), 0usize), (Vec::new(), 0usize)];
+    for round in 1..=2 {
+        for (i, path) in [plain, mesh].into_iter().enumerate() {
+            let (s, e) = fixed_rate(path_addr(path)?, &path.client_netns, args, half)?;
+            eprintln!(
+                "latency {} round {round}: {} samples, {e} errors",
+                path.ns,
+                s.len()
+            );
+            samples[i].0.extend(s);
+            samples[i].1 += e;
+        }
+    }
+    let [(plain_samples, plain_errors), (mesh_samples, mesh_errors)] = samples;
+    let plain_latency = Latency::from_samples(plain_samples, plain_errors);
+    let mesh_latency = Latency::from_samples(mesh_samples, mesh_errors);
     eprintln!(
         "latency plain: p50 {:.3} ms p99 {:.3} ms",
         plain_latency.p50, plain_latency.p99
     );
-    let mesh_latency = fixed_rate(path_addr(mesh)?, &mesh.client_netns, args)?;
     eprintln!(
         "latency mesh: p50 {:.3} ms p99 {:.3} ms",
         mesh_latency.p50, mesh_latency.p99
@@ -404,14 +425,20 @@ fn iperf3(cluster: &Cluster, path: &PathPods, secs: u64) -> Result<f64> {
         .context("iperf3 report without end.sum_received.bits_per_second")
 }
 
-/// The fixed-rate 1 KiB request/response run from `netns` to `addr`.
-fn fixed_rate(addr: SocketAddr, client_netns: &str, args: &Args) -> Result<Latency> {
+/// A fixed-rate 1 KiB request/response run of `secs` from `netns` to `addr`: the latencies and
+/// the number of connections that failed.
+fn fixed_rate(
+    addr: SocketAddr,
+    client_netns: &str,
+    args: &Args,
+    secs: u64,
+) -> Result<(Vec<Duration>, usize)> {
     let connections = args.connections.max(1);
     let conns = netns::within(client_netns, move || -> Result<Vec<TcpStream>> {
         (0..connections).map(|_| connect(addr)).collect()
     })??;
     let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(args.rate.max(1)));
-    let per_connection = (args.latency_secs as f64 / interval.as_secs_f64()).ceil() as u64;
+    let per_connection = (secs as f64 / interval.as_secs_f64()).ceil() as u64;
     let start = Instant::now() + Duration::from_millis(100);
     let stagger = interval / connections;
     let threads: Vec<_> = conns
@@ -452,7 +479,7 @@ fn fixed_rate(addr: SocketAddr, client_netns: &str, args: &Args) -> Result<Laten
         samples.extend(s);
         errors += e;
     }
-    Ok(Latency::from_samples(samples, errors))
+    Ok((samples, errors))
 }
 
 /// Opens `count` connections to `addr` (each confirmed by the greeting) and returns them.

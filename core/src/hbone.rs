@@ -18,6 +18,7 @@ mod server;
 mod settings;
 mod stream;
 
+pub use crate::copy::copy_bidirectional;
 pub use pool::{
     CertificateSource, Connector, Error as PoolError, Key, Pool, PoolConfig, TcpConnector,
 };
@@ -26,7 +27,7 @@ pub use server::{
     ServerCertificate,
 };
 pub use settings::Settings;
-pub use stream::{Stream, copy_bidirectional};
+pub use stream::Stream;
 
 /// The HBONE port on every captured pod, waypoint and gateway.
 pub const PORT: u16 = 15008;

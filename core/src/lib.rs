@@ -15,6 +15,7 @@ pub mod ca;
 pub mod ca_client;
 pub mod cert_manager;
 pub mod certs;
+pub mod copy;
 pub mod csr;
 pub mod drain;
 pub mod hbone;

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tracing::info;
+use weft_core::copy::ReadReady;
 use weft_core::policy::{self, Verdict};
 
 use crate::state::ProxyState;
@@ -160,6 +161,16 @@ impl<S> Revocable<S> {
         } else {
             Ok(())
         }
+    }
+}
+
+impl<S: ReadReady> ReadReady for Revocable<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Revocation wakes the copy too: the read that follows fails.
+        if self.check(cx).is_err() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
     }
 }
 

@@ -15,8 +15,9 @@ use super::settings::{
     SERVER_MAX_CONCURRENT_STREAMS, SERVER_MAX_HEADER_LIST_BYTES, SERVER_MAX_SEND_BUFFER_BYTES,
     Settings, keepalive,
 };
-use super::stream::{Stream, copy_bidirectional};
+use super::stream::Stream;
 use crate::certs::WorkloadCertificate;
+use crate::copy::{ReadReady, copy_bidirectional};
 use crate::drain;
 use crate::identity::SpiffeId;
 use crate::tls;
@@ -89,7 +90,7 @@ pub enum Decision<U> {
 /// The caller-supplied decision for each `CONNECT` stream.
 pub trait Handler: Send + Sync + 'static {
     /// The connection accepted streams are spliced to.
-    type Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Upstream: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static;
 
     /// Decides what to do with a `CONNECT` stream. Called once per stream, concurrently.
     fn decide(

@@ -7,11 +7,10 @@ use h2::{Reason, RecvStream, SendStream};
 use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::ReadReady;
+
 /// Largest chunk handed to h2 per write, in bytes; bounds the copy of each write.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
-
-/// Copy buffer per direction for [`copy_bidirectional`], in bytes.
-const COPY_BUFFER_BYTES: usize = 256 * 1024;
 
 /// One HBONE stream (an HTTP/2 `CONNECT` stream) as a byte pipe.
 ///
@@ -23,6 +22,8 @@ pub struct Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
     pending: Bytes,
+    /// The receive side ended (EOF, or the error to report) while polled for readiness.
+    ended: Option<io::Result<()>>,
     write_closed: bool,
     response_headers: HeaderMap,
     _guard: Option<Box<dyn Send + Sync>>,
@@ -41,6 +42,7 @@ impl Stream {
             send,
             recv,
             pending: Bytes::new(),
+            ended: None,
             write_closed: false,
             response_headers,
             _guard: guard,
@@ -79,27 +81,48 @@ fn is_clean_reset(err: &h2::Error) -> bool {
     err.is_reset() && matches!(err.reason(), Some(Reason::NO_ERROR | Reason::CANCEL))
 }
 
+impl Stream {
+    /// Makes received data available in `pending`, or records the end of the receive side in
+    /// `ended`; `Ready` in both cases.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.pending.is_empty() && self.ended.is_none() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => self.ended = Some(Ok(())),
+                Some(Ok(data)) => self.pending = data,
+                Some(Err(err)) if is_clean_reset(&err) => self.ended = Some(Ok(())),
+                Some(Err(err)) => self.ended = Some(Err(h2_to_io(err))),
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+impl ReadReady for Stream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_fill(cx));
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = out.remaining().min(self.pending.len());
-                out.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                let _ = self.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => self.pending = data,
-                Some(Err(err)) if is_clean_reset(&err) => return Poll::Ready(Ok(())),
-                Some(Err(err)) => return Poll::Ready(Err(h2_to_io(err))),
-            }
+        ready!(self.poll_fill(cx));
+        if self.pending.is_empty() {
+            // Ended: EOF every time; an error once, then EOF.
+            return Poll::Ready(match self.ended.as_mut() {
+                Some(Err(_)) => self.ended.replace(Ok(())).unwrap_or(Ok(())),
+                _ => Ok(()),
+            });
         }
+        let n = out.remaining().min(self.pending.len());
+        out.put_slice(&self.pending[..n]);
+        self.pending.advance(n);
+        let _ = self.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -151,17 +174,4 @@ impl AsyncWrite for Stream {
         }
         Poll::Ready(Ok(()))
     }
-}
-
-/// Copies both ways between `a` and `b` until both directions reach EOF, propagating each EOF
-/// as a half-close (`shutdown`) of the other side. Returns the bytes copied `(a → b, b → a)`.
-///
-/// # Errors
-/// The first I/O error in either direction.
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER_BYTES, COPY_BUFFER_BYTES).await
 }

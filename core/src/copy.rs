@@ -1,0 +1,234 @@
+//! Bidirectional copy for proxied connections that holds **no buffer while a side is idle**.
+//!
+//! A mesh proxy keeps many mostly idle connections open (pooled clients, long-polls, database
+//! connections). A copy loop with a fixed buffer per direction (tokio's `copy_bidirectional`)
+//! pins that buffer for the connection's whole life: with 2 × 256 KiB per connection, 10,000 idle
+//! connections cost gigabytes of address space and, once touched, resident memory. Here each
+//! direction first waits until its reader is readable ([`ReadReady`], no buffer), then borrows a
+//! buffer for the burst, and drops it as soon as the reader has nothing more and everything read
+//! was written. A burst that fills the small buffer switches that direction to the large one,
+//! so bulk transfers keep large reads and writes.
+//!
+//! EOF on one side is propagated as a half-close (`shutdown`) of the other; the copy ends when
+//! both directions have seen EOF, or at the first error.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// First buffer of a burst, in bytes: one read of a typical request or response.
+pub const SMALL_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Buffer once a burst has filled the small one, in bytes (bulk transfers).
+pub const LARGE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Copy buffers allocated right now, process-wide.
+static BUFFERS_IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many copy buffers are allocated right now in this process (connections in the middle
+/// of a burst, not idle ones).
+pub fn buffers_in_use() -> usize {
+    BUFFERS_IN_USE.load(Ordering::Relaxed)
+}
+
+/// A copy buffer, counted in [`buffers_in_use`].
+#[derive(Debug)]
+struct Buffer(Box<[u8]>);
+
+impl Buffer {
+    fn new(size: usize) -> Self {
+        BUFFERS_IN_USE.fetch_add(1, Ordering::Relaxed);
+        Buffer(vec![0u8; size].into_boxed_slice())
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        BUFFERS_IN_USE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waiting for readability without a buffer.
+///
+/// `poll_read_ready` resolves when a `poll_read` would make progress (data, EOF or an error),
+/// registering the waker otherwise. The default resolves at once ("unknown"): the copy then
+/// keeps a buffer while waiting, as a plain copy loop would.
+pub trait ReadReady {
+    /// Polls for read readiness.
+    ///
+    /// # Errors
+    /// An error the next read would return anyway.
+    fn poll_read_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for tokio::io::DuplexStream {}
+
+impl<T: ReadReady + ?Sized> ReadReady for &mut T {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+impl<T: ReadReady + ?Sized> ReadReady for Box<T> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
+/// One direction's state.
+#[derive(Debug)]
+struct Direction {
+    buf: Option<Buffer>,
+    size: usize,
+    pos: usize,
+    cap: usize,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    amount: u64,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Direction {
+            buf: None,
+            size: SMALL_BUFFER_BYTES,
+            pos: 0,
+            cap: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            amount: 0,
+        }
+    }
+
+    /// Copies from `reader` to `writer` until EOF (then shuts `writer` down), returning the bytes
+    /// copied; `Pending` while waiting on either side.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ReadReady + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.amount));
+        }
+        loop {
+            if self.pos == self.cap && !self.read_done {
+                if self.buf.is_none() {
+                    if reader.poll_read_ready(cx).is_pending() {
+                        return self.idle(cx, Pin::new(&mut *writer));
+                    }
+                    self.buf = Some(Buffer::new(self.size));
+                }
+                let Some(buf) = self.buf.as_mut() else {
+                    continue;
+                };
+                let mut read_buf = ReadBuf::new(&mut buf.0);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                    Poll::Pending => {
+                        self.buf = None;
+                        return self.idle(cx, Pin::new(&mut *writer));
+                    }
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                            self.buf = None;
+                        } else {
+                            self.pos = 0;
+                            self.cap = n;
+                            if n == self.size && self.size < LARGE_BUFFER_BYTES {
+                                // A full read: more is coming; the next read gets the large
+                                // buffer (this one is swapped once written out).
+                                self.size = LARGE_BUFFER_BYTES;
+                            }
+                        }
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let Some(buf) = self.buf.as_ref() else {
+                    break;
+                };
+                let written =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &buf.0[self.pos..self.cap]))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write zero bytes into the peer",
+                    )));
+                }
+                self.pos += written;
+                self.amount += written as u64;
+                self.need_flush = true;
+            }
+            if self.pos == self.cap && self.buf.as_ref().is_some_and(|b| b.0.len() < self.size) {
+                // Written out after growing: take the large buffer for the next read.
+                self.buf = None;
+            }
+            if self.read_done && self.pos == self.cap {
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.amount));
+            }
+        }
+    }
+
+    /// The reader has nothing now and everything read is written: flush and wait (no buffer).
+    fn idle<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>> {
+        if self.need_flush {
+            ready!(writer.poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
+    }
+}
+
+/// Copies both ways between `a` and `b` until both directions reach EOF, propagating each EOF
+/// as a half-close (`shutdown`) of the other side. Returns the bytes copied `(a → b, b → a)`.
+///
+/// # Errors
+/// The first I/O error in either direction.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + ReadReady + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + ReadReady + Unpin + ?Sized,
+{
+    let mut a_to_b = Direction::new();
+    let mut b_to_a = Direction::new();
+    poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
+        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
+        match (forward, backward) {
+            (Poll::Ready(sent), Poll::Ready(received)) => Poll::Ready(Ok((sent, received))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
