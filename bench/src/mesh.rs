@@ -520,7 +520,8 @@ pub(crate) fn print(result: &MeshResult) {
     println!();
     println!(
         "Cross-node (client on node-1, server on node-2). Throughput: iperf3, 1 stream, {} s × {} \
-         runs per path. Latency: 1 KiB echo, {} req/s open loop over {} connections, {} s per path.",
+         runs per path. Latency: 1 KiB echo, {} req/s open loop over {} connections, {} s per path \
+         (two alternating rounds after a 1 s warm-up).",
         a.throughput_secs, a.throughput_runs, a.rate, a.connections, a.latency_secs
     );
     println!();
