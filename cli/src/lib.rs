@@ -4,4 +4,6 @@
 //! Does not own any mesh component; it runs them.
 
 pub mod cluster;
+pub mod demo;
 pub mod echo;
+pub mod inspect;

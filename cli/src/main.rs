@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use weft::cluster::{self, Cluster, Object, Options, Outcome};
+use weft::inspect;
 
 /// Weft: an ambient service mesh.
 #[derive(Parser, Debug)]
@@ -23,6 +24,45 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// A ztunnel's view of the mesh on the local cluster, read from each node's admin endpoint.
+    ZtunnelConfig {
+        #[command(flatten)]
+        target: Target,
+        /// What to show.
+        section: inspect::Section,
+        /// Only this node (1, 2, …); default every node.
+        #[arg(long)]
+        node: Option<u8>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Every xDS client of the controller: per type, what it has ACKed and whether it is in sync.
+    ProxyStatus {
+        #[command(flatten)]
+        target: Target,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// The guided tour: a 2-node local cluster, L4 mesh adoption step by step (needs root).
+    Demo {
+        /// `down` removes the demo cluster.
+        action: Option<DemoAction>,
+        /// Cluster name.
+        #[arg(long, default_value = weft::demo::DEFAULT_NAME)]
+        name: String,
+        /// Read the demo manifests from this directory (default: the built-in copies of
+        /// examples/demo).
+        #[arg(long)]
+        examples: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DemoAction {
+    /// Remove the demo cluster and everything it made.
+    Down,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -135,6 +175,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn open(target: &Target) -> anyhow::Result<Cluster> {
+    Ok(Cluster::open(&target.name, target.state_dir.as_deref())?)
+}
+
 fn split_pod(pod: &str) -> anyhow::Result<(&str, &str)> {
     pod.split_once('/')
         .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
@@ -152,10 +196,52 @@ fn read_manifests(file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let Command::Cluster { command } = cli.command;
-    if !cluster::is_root() {
+    // The demo checks root itself and says what to do.
+    if !cluster::is_root() && !matches!(cli.command, Command::Demo { action: None, .. }) {
         bail!(cluster::Error::NotRoot);
     }
+    let command = match cli.command {
+        Command::Cluster { command } => command,
+        Command::ZtunnelConfig {
+            target,
+            section,
+            node,
+            output,
+        } => {
+            let cluster = open(&target)?;
+            let report = inspect::ztunnel_config(&cluster, section, node)?;
+            print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::ProxyStatus { target, output } => {
+            let cluster = open(&target)?;
+            let report = inspect::proxy_status(&cluster)?;
+            print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Demo {
+            action: Some(DemoAction::Down),
+            name,
+            ..
+        } => {
+            if weft::demo::down(&name)? {
+                println!("demo cluster {name} removed");
+            } else {
+                println!("no demo cluster {name} to remove");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Demo {
+            action: None,
+            name,
+            examples,
+        } => {
+            let mut config = weft::demo::Config::new(&name);
+            config.examples = examples;
+            weft::demo::run(&config, &mut std::io::stdout().lock())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     match command {
         ClusterCommand::Up {
             target,
@@ -186,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         ClusterCommand::Apply { target, file } => {
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             for (key, outcome) in cluster.apply(&read_manifests(&file)?)? {
                 let verb = match outcome {
                     Outcome::Created => "created",
@@ -197,7 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         ClusterCommand::Delete { target, file } => {
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             let keys: Vec<_> = read_manifests(&file)?.iter().map(Object::key).collect();
             for (key, existed) in cluster.store().delete(&keys)? {
                 println!("{key} {}", if existed { "deleted" } else { "not found" });
@@ -210,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             all_namespaces,
             output,
         } => {
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
             print_objects(&cluster, &kind, ns, &output)?;
         }
@@ -223,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !matches!(kind.as_str(), "namespace" | "namespaces" | "ns") {
                 bail!("only namespaces can be labelled, not {kind:?}");
             }
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             if let Some(key) = label.strip_suffix('-') {
                 cluster.label_namespace(&object, key, None)?;
                 println!("namespace/{object} unlabeled");
@@ -240,7 +326,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod,
             command,
         } => {
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             let (ns, name) = split_pod(&pod)?;
             let argv: Vec<&str> = command.iter().map(String::as_str).collect();
             let status = cluster.exec_command(ns, name, &argv)?.status()?;
@@ -253,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod,
             container,
         } => {
-            let cluster = Cluster::open(&target.name, target.state_dir.as_deref())?;
+            let cluster = open(&target)?;
             let (ns, name) = split_pod(&pod)?;
             print!("{}", cluster.logs(ns, name, container.as_deref())?);
         }

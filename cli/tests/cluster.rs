@@ -1597,3 +1597,242 @@ fn an_ambient_pod_never_starts_uncaptured() {
         lines.len() == 4 && lines.iter().all(|l| l["status"] == 200)
     });
 }
+
+/// The demo's report lines for one step: the text between `(x)` and the next step or the end.
+fn demo_step(stdout: &str, step: char) -> &str {
+    let start = stdout
+        .find(&format!("\n({step})"))
+        .unwrap_or_else(|| panic!("step ({step}) missing: {stdout}"));
+    let rest = &stdout[start + 1..];
+    let end = rest[1..]
+        .find("\n(")
+        .or_else(|| rest.find("\nLook around"))
+        .map_or(rest.len(), |e| e + 1);
+    &rest[..end]
+}
+
+fn demo_line<'a>(step: &'a str, client: &str) -> &'a str {
+    step.lines()
+        .find(|l| l.trim_start().starts_with(&format!("{client} →")))
+        .unwrap_or_else(|| panic!("no line for {client} in: {step}"))
+}
+
+#[test]
+fn the_demo_reports_what_the_cluster_did() {
+    if !root_or_skip("the_demo_reports_what_the_cluster_did") {
+        return;
+    }
+    let name = "t-demo";
+    let _ = Cluster::down(name, None);
+    let out = Command::new(WEFT)
+        .args(["demo", "--name", name])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _cleanup = TestCluster(Cluster::open(name, None).expect("the demo leaves its cluster up"));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("UNEXPECTED"), "{stdout}");
+    let cluster = Cluster::open(name, None).unwrap();
+    let ip = |ns: &str, pod: &str| ip_of(&cluster.pod(ns, pod).unwrap());
+    let saw = |ns: &str, pod: &str| format!("the server saw {} ({pod}'s own IP)", ip(ns, pod));
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/demo/sa/{sa}");
+
+    // (a) plaintext, no proxy, the client's own IP.
+    let a = demo_step(&stdout, 'a');
+    for (ns, pod) in [
+        ("demo", "frontend"),
+        ("demo", "batch"),
+        ("legacy", "client"),
+    ] {
+        let line = demo_line(a, &format!("{ns}/{pod}"));
+        assert!(line.contains("4/4 answered"), "{line}");
+        assert!(line.contains(&saw(ns, pod)), "{line}");
+        assert!(line.ends_with("plaintext, no proxy on the path"), "{line}");
+    }
+    // (b) enrolled without restarts: mTLS with each client's identity, same source IP; the
+    // outsider in plaintext through the server's ztunnel.
+    let b = demo_step(&stdout, 'b');
+    assert!(b.contains("every pod kept running (same pod UIDs)"), "{b}");
+    for pod in ["frontend", "batch"] {
+        let line = demo_line(b, &format!("demo/{pod}"));
+        assert!(line.contains(&saw("demo", pod)), "{line}");
+        assert!(
+            line.ends_with(&format!(
+                "mTLS through ztunnel, client identity {}",
+                id(pod)
+            )),
+            "{line}"
+        );
+    }
+    let line = demo_line(b, "legacy/client");
+    assert!(
+        line.contains(&saw("legacy", "client"))
+            && line.ends_with("plaintext, accepted by the server's ztunnel"),
+        "{line}"
+    );
+    // (c) only the frontend's identity is allowed.
+    let c = demo_step(&stdout, 'c');
+    assert!(
+        demo_line(c, "demo/batch").ends_with(&format!(
+            "0/4 answered — refused: the server's ztunnel denied identity {}",
+            id("batch")
+        )),
+        "{c}"
+    );
+    assert!(
+        demo_line(c, "demo/frontend").contains("4/4 answered"),
+        "{c}"
+    );
+    assert!(
+        demo_line(c, "legacy/client").contains("0/4 answered — refused"),
+        "{c}"
+    );
+    // (d) STRICT: plaintext refused, mesh clients through.
+    let d = demo_step(&stdout, 'd');
+    assert!(
+        demo_line(d, "legacy/client")
+            .ends_with("refused: the server's ztunnel denied plaintext (no identity)"),
+        "{d}"
+    );
+    assert!(demo_line(d, "demo/batch").contains("4/4 answered"), "{d}");
+
+    // The cluster agrees with the report: enrolled pods, the policy objects, the ztunnels'
+    // counters and the inspection commands.
+    for pod in cluster.pods(Some("demo")).unwrap() {
+        assert_eq!(
+            pod.0["metadata"]["annotations"]["ambient.istio.io/redirection"],
+            "enabled",
+            "{}",
+            pod.name()
+        );
+    }
+    let strict = cluster
+        .store()
+        .get(&ObjectKey::new(
+            "security.istio.io",
+            "PeerAuthentication",
+            Some("demo"),
+            "default",
+        ))
+        .unwrap();
+    assert!(strict.is_some(), "PeerAuthentication applied");
+    let denied = (1..=2).any(|node| {
+        http_get_in(
+            &cluster.layout().node_netns(node),
+            cluster.ztunnel_stats_address(node),
+            "/metrics",
+        )
+        .lines()
+        .any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("response_flags=\"DENY\"")
+                && l.contains(&format!("source_principal=\"{}\"", id("batch")))
+        })
+    });
+    assert!(denied, "a ztunnel counted batch's denied connections");
+    let weft_json = |args: &[&str]| -> Value {
+        let out = Command::new(WEFT)
+            .args(args)
+            .args(["--name", name, "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let workloads = weft_json(&["ztunnel-config", "workloads"]);
+    assert!(
+        workloads
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["name"] == "frontend"
+                && w["identity"] == id("frontend")
+                && w["addresses"][0] == ip("demo", "frontend")),
+        "{workloads}"
+    );
+    let certificates = weft_json(&["ztunnel-config", "certificates", "--node", "1"]);
+    assert!(
+        certificates
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ztunnel"] == "node-1" && c["state"] == "available"),
+        "{certificates}"
+    );
+    let status = weft_json(&["proxy-status"]);
+    let clients = status.as_array().unwrap();
+    assert_eq!(clients.len(), 2, "one ztunnel per node: {status}");
+    for client in clients {
+        for (type_url, t) in client["types"].as_object().unwrap() {
+            assert_eq!(t["in_sync"], true, "{type_url}: {client}");
+        }
+    }
+
+    // A second demo while this one is up says what to do.
+    let again = Command::new(WEFT)
+        .args(["demo", "--name", name])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr.contains("already up") && stderr.contains("weft demo down --name t-demo"),
+        "{stderr}"
+    );
+    // `weft demo down` removes everything.
+    let down = Command::new(WEFT)
+        .args(["demo", "down", "--name", name])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(leftovers(name), Vec::<String>::new());
+
+    // Ctrl-C in the middle of the demo, then `weft demo down`: nothing left behind.
+    let mut demo = Command::new(WEFT)
+        .args(["demo", "--name", name])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+        assert!(
+            lines.any(|l| l.unwrap().starts_with("(a)")),
+            "the demo reached step (a)"
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let _ = demo.wait();
+    let down = Command::new(WEFT)
+        .args(["demo", "down", "--name", name])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(leftovers(name), Vec::<String>::new());
+
+    // Without root: one line saying what to do.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            WEFT,
+            "demo",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("weft demo needs root") && stderr.contains("scripts/demo"),
+        "{stderr}"
+    );
+}

@@ -376,8 +376,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
     };
+    let tracker = crate::conntrack::Tracker::new();
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin: Handler = {
+        let tracker = tracker.clone();
         let state = state.clone();
         let certificates = certificates.clone();
         let pods = pods.clone();
@@ -431,25 +433,59 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 let services: Vec<serde_json::Value> = inner
                     .workloads
                     .services()
-                    .map(|s| serde_json::json!({"name": s.name, "namespace": s.namespace, "hostname": s.hostname}))
+                    .map(|s| {
+                        let endpoints = inner.workloads.endpoints(s.key()).count();
+                        serde_json::json!({
+                            "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
+                            "vips": s.vips.iter().map(|v| v.address.to_string()).collect::<Vec<_>>(),
+                            "ports": s.ports.iter().map(|p| format!("{}→{}", p.service_port, p.target_port)).collect::<Vec<_>>(),
+                            "endpoints": endpoints,
+                            "waypoint": s.waypoint.is_some(),
+                        })
+                    })
                     .collect();
-                let policies: Vec<String> =
-                    inner.policies.iter().map(|p| p.key().to_owned()).collect();
+                let policies: Vec<serde_json::Value> = inner
+                    .policies
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "name": p.name, "namespace": p.namespace,
+                            "scope": format!("{:?}", p.scope), "action": format!("{:?}", p.action),
+                            "rules": p.rules.len(), "dry_run": p.dry_run,
+                        })
+                    })
+                    .collect();
                 let certs: Vec<serde_json::Value> = certificates
                     .identities()
                     .into_iter()
                     .map(|id| {
                         let state = certificates.state(&id).unwrap_or_default();
+                        let expires = state.certificate.as_ref().and_then(|c| {
+                            c.not_after().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+                        });
                         serde_json::json!({
                             "identity": id.to_string(),
                             "state": if state.certificate.is_some() { "available" } else { "pending" },
+                            "expires_unix": expires,
                             "last_error": state.last_error.as_deref(),
                         })
                     })
                     .collect();
+                let mut connections: Vec<serde_json::Value> = tracker
+                    .snapshot()
+                    .into_iter()
+                    .map(|(uid, c)| serde_json::json!({
+                        "direction": "inbound",
+                        "pod_uid": uid,
+                        "source": c.src_ip.to_string(),
+                        "source_identity": c.src_identity.map(|i| i.to_string()),
+                        "destination": std::net::SocketAddr::new(c.dst_ip, c.dst_port).to_string(),
+                    }))
+                    .collect();
+                connections.sort_by_key(|c| c.to_string());
                 let dump = serde_json::json!({
                     "workloads": workloads, "services": services, "policies": policies,
-                    "certificates": certs, "pods": pod_states(&pods),
+                    "certificates": certs, "pods": pod_states(&pods), "connections": connections,
                 });
                 (
                     StatusCode::OK,
@@ -471,7 +507,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
     );
 
-    let tracker = crate::conntrack::Tracker::new();
     tokio::spawn(
         tracker
             .clone()

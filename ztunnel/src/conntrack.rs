@@ -79,6 +79,18 @@ impl Tracker {
         )
     }
 
+    /// The live connections, for the admin endpoint: `(pod uid, the facts authorized)`.
+    pub fn snapshot(&self) -> Vec<(String, policy::Connection)> {
+        self.live
+            .lock()
+            .map(|live| {
+                live.values()
+                    .map(|t| (t.workload_uid.clone(), t.connection.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Number of live connections.
     pub fn len(&self) -> usize {
         self.live.lock().map(|l| l.len()).unwrap_or(0)

@@ -1,0 +1,649 @@
+//! `weft demo`: the guided tour of incremental L4 adoption on a 2-node local cluster.
+//!
+//! Brings the cluster up (controller, CNI agent and ztunnel per node), applies the manifests of
+//! `examples/demo/` (built in; `--examples DIR` reads them from a directory instead) and walks
+//! through four steps, printing for each client what was **observed**, never canned text:
+//!
+//! * (a) before enrollment: plaintext, no proxy on the path, the server sees the client's IP;
+//! * (b) namespace `demo` labelled ambient, no pod restarted: the same requests are mutual TLS
+//!   with the client's SPIFFE identity, the server still sees the client's IP, and the
+//!   non-mesh client still gets through in plaintext (PERMISSIVE);
+//! * (c) an AuthorizationPolicy allowing only the frontend's identity: the other clients are
+//!   refused;
+//! * (d) that policy removed and PeerAuthentication STRICT applied: mesh clients get through,
+//!   the non-mesh client is refused.
+//!
+//! What a request did comes from the client (status, which replica answered, the source address
+//! the server saw) and from the destination ztunnels' metrics read before and after it
+//! (`istio_tcp_connections_opened_total` by `connection_security_policy`, `source_principal`
+//! and `response_flags`). Each step waits (up to [`CONVERGE`]) for the change to reach the
+//! ztunnels before reporting; if what it expects never happens it still prints what it saw,
+//! marks the line `UNEXPECTED`, and the demo fails at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::cluster::{self, Cluster, Object, ObjectKey, Options, layout};
+use crate::inspect;
+
+/// The demo cluster's default name.
+pub const DEFAULT_NAME: &str = "demo";
+
+/// How long a step waits for the mesh to reflect a change.
+pub const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The built-in copies of `examples/demo/`.
+const APP: &str = include_str!("../../examples/demo/00-app.yaml");
+const ALLOW_FRONTEND: &str = include_str!("../../examples/demo/10-allow-frontend.yaml");
+const STRICT: &str = include_str!("../../examples/demo/20-strict-mtls.yaml");
+
+/// Requests per client per observation.
+const REQUESTS: u32 = 4;
+
+/// The namespace the demo enrolls.
+const NS: &str = "demo";
+
+/// What `weft demo` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Cluster name.
+    pub name: String,
+    /// Read the manifests from this directory instead of the built-in copies.
+    pub examples: Option<PathBuf>,
+    /// The `weft` executable whose directory holds the other binaries; default this one.
+    pub weft_exe: Option<PathBuf>,
+}
+
+impl Config {
+    /// Defaults for cluster `name`.
+    pub fn new(name: &str) -> Self {
+        Config {
+            name: name.to_owned(),
+            examples: None,
+            weft_exe: None,
+        }
+    }
+}
+
+/// Removes the demo cluster; `false` if there was none.
+///
+/// # Errors
+/// When removing fails.
+pub fn down(name: &str) -> Result<bool> {
+    Ok(Cluster::down(name, None)?)
+}
+
+/// The programs the mesh needs next to `weft`.
+const BINARIES: [&str; 5] = [
+    "weft-controller",
+    "ztunnel",
+    "weft-cni",
+    "weft-cni-agent",
+    "weft-echo",
+];
+
+/// Checks what the demo needs and says exactly what to do when something is missing.
+fn preflight(config: &Config, weft_exe: &Path) -> Result<()> {
+    if !cluster::is_root() {
+        bail!(
+            "weft demo needs root: it creates network namespaces, veth pairs and nftables rules \
+             (run it as root, e.g. `sudo scripts/demo`)"
+        );
+    }
+    let cni = Path::new(layout::DEFAULT_CNI_BIN_DIR);
+    let missing: Vec<&str> = ["bridge", "host-local", "loopback"]
+        .into_iter()
+        .filter(|p| !cni.join(p).is_file())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the CNI plugins {} are missing from {}: install Debian's containernetworking-plugins \
+             (`apt-get install containernetworking-plugins`), or run `scripts/demo`, which \
+             installs every missing package",
+            missing.join(", "),
+            cni.display()
+        );
+    }
+    let tools: Vec<&str> = ["ip", "nft", "iptables"]
+        .into_iter()
+        .filter(|t| !on_path(t))
+        .collect();
+    if !tools.is_empty() {
+        bail!(
+            "{} not found on PATH: `apt-get install iproute2 nftables iptables`, or run \
+             `scripts/demo`",
+            tools.join(", ")
+        );
+    }
+    let dir = weft_exe.parent().unwrap_or(Path::new("."));
+    let absent: Vec<&str> = BINARIES
+        .into_iter()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    if !absent.is_empty() {
+        bail!(
+            "{} not found next to {}: build them with `cargo build --release --workspace \
+             --bins` (or run `scripts/demo`)",
+            absent.join(", "),
+            weft_exe.display()
+        );
+    }
+    if Cluster::open(&config.name, None).is_ok() {
+        bail!(
+            "a cluster named {name:?} is already up (a previous demo?): `weft demo down{flag}` \
+             removes it; or look around with `weft cluster get pods -A --name {name}`",
+            name = config.name,
+            flag = if config.name == DEFAULT_NAME {
+                String::new()
+            } else {
+                format!(" --name {}", config.name)
+            }
+        );
+    }
+    Ok(())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+fn manifest(config: &Config, file: &str, built_in: &'static str) -> Result<String> {
+    match &config.examples {
+        Some(dir) => {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        }
+        None => Ok(built_in.to_owned()),
+    }
+}
+
+/// Connections the destination ztunnels counted, by (principal, security policy, flags).
+type Counts = BTreeMap<(String, String, String), u64>;
+
+/// One `label="value"` set and value of a Prometheus text line.
+fn parse_line(line: &str) -> Option<(BTreeMap<&str, &str>, u64)> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let labels = head.split_once('{')?.1.strip_suffix('}')?;
+    let mut map = BTreeMap::new();
+    let mut rest = labels;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let end = after.find('"')?;
+        map.insert(key.trim_start_matches(','), &after[..end]);
+        rest = &after[end + 1..];
+    }
+    Some((map, value.parse::<f64>().ok()? as u64))
+}
+
+fn destination_counts(cluster: &Cluster) -> Result<Counts> {
+    let mut counts = Counts::new();
+    for node in 1..=cluster.description().nodes {
+        let (_, text) = inspect::http_get_in(
+            &cluster.layout().node_netns(node),
+            cluster.ztunnel_stats_address(node),
+            "/metrics",
+        )?;
+        for line in text.lines() {
+            if !line.starts_with("istio_tcp_connections_opened_total{") {
+                continue;
+            }
+            let Some((labels, value)) = parse_line(line) else {
+                continue;
+            };
+            if labels.get("reporter") != Some(&"destination") {
+                continue;
+            }
+            let get = |k: &str| labels.get(k).copied().unwrap_or_default().to_owned();
+            *counts
+                .entry((
+                    get("source_principal"),
+                    get("connection_security_policy"),
+                    get("response_flags"),
+                ))
+                .or_default() += value;
+        }
+    }
+    Ok(counts)
+}
+
+/// What one batch of requests from a pod did.
+#[derive(Debug, Clone, Default)]
+struct Observed {
+    answered: usize,
+    sent: usize,
+    servers: BTreeSet<String>,
+    sources: BTreeSet<String>,
+    /// New destination-side connections: (principal, policy, flags) → count.
+    mesh: Counts,
+}
+
+impl Observed {
+    fn all_answered(&self) -> bool {
+        self.sent > 0 && self.answered == self.sent
+    }
+
+    fn none_answered(&self) -> bool {
+        self.answered == 0
+    }
+
+    fn mtls_principals(&self, flags: &str) -> BTreeSet<&str> {
+        self.mesh
+            .iter()
+            .filter(|((_, policy, f), n)| policy == "mutual_tls" && f == flags && **n > 0)
+            .map(|((p, _, _), _)| p.as_str())
+            .collect()
+    }
+
+    fn counted(&self, policy: &str, flags: &str) -> bool {
+        self.mesh
+            .iter()
+            .any(|((_, p, f), n)| p == policy && f == flags && *n > 0)
+    }
+}
+
+fn observe(cluster: &Cluster, ns: &str, pod: &str, url: &str) -> Result<Observed> {
+    let before = destination_counts(cluster)?;
+    let count = REQUESTS.to_string();
+    let out = cluster.exec(
+        ns,
+        pod,
+        &[
+            "weft-echo",
+            "client",
+            url,
+            "--count",
+            &count,
+            "--concurrency",
+            &count,
+            "--timeout-ms",
+            "3000",
+        ],
+    )?;
+    let mut observed = Observed::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(reply) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        observed.sent += 1;
+        if reply["status"] == 200 {
+            observed.answered += 1;
+            if let Some(server) = reply["pod"].as_str() {
+                observed.servers.insert(server.to_owned());
+            }
+            if let Some(source) = reply["source"].as_str() {
+                let ip = source.rsplit_once(':').map_or(source, |(ip, _)| ip);
+                observed.sources.insert(ip.to_owned());
+            }
+        }
+    }
+    // The destination side counts a connection when it opens; give the counters a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = destination_counts(cluster)?;
+    for (key, n) in after {
+        let delta = n.saturating_sub(before.get(&key).copied().unwrap_or(0));
+        if delta > 0 {
+            observed.mesh.insert(key, delta);
+        }
+    }
+    Ok(observed)
+}
+
+/// The pod name, IP and node of each pod of `ns`.
+struct Pods(BTreeMap<String, (String, String)>);
+
+impl Pods {
+    fn of(cluster: &Cluster, ns: &str) -> Result<Pods> {
+        Ok(Pods(
+            cluster
+                .pods(Some(ns))?
+                .iter()
+                .map(|p| {
+                    (
+                        p.name().to_owned(),
+                        (
+                            p.0["status"]["podIP"].as_str().unwrap_or("-").to_owned(),
+                            p.0["spec"]["nodeName"].as_str().unwrap_or("-").to_owned(),
+                        ),
+                    )
+                })
+                .collect(),
+        ))
+    }
+
+    fn ip(&self, pod: &str) -> &str {
+        self.0.get(pod).map_or("-", |(ip, _)| ip.as_str())
+    }
+
+    fn node(&self, pod: &str) -> &str {
+        self.0.get(pod).map_or("-", |(_, node)| node.as_str())
+    }
+}
+
+/// Everything the report lines need.
+struct Tour<'a> {
+    cluster: &'a Cluster,
+    url: String,
+    out: &'a mut dyn Write,
+    unexpected: usize,
+}
+
+impl Tour<'_> {
+    fn say(&mut self, text: &str) -> Result<()> {
+        writeln!(self.out, "{text}")?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Observes `ns/pod` until `expected` holds (or [`CONVERGE`] passes) and reports it.
+    fn request(
+        &mut self,
+        ns: &str,
+        pod: &str,
+        expected: &str,
+        holds: impl Fn(&Observed) -> bool,
+    ) -> Result<Observed> {
+        let deadline = Instant::now() + CONVERGE;
+        let observed = loop {
+            let observed = observe(self.cluster, ns, pod, &self.url)?;
+            if holds(&observed) || Instant::now() > deadline {
+                break observed;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        let ok = holds(&observed);
+        let line = self.describe(ns, pod, &observed)?;
+        if ok {
+            self.say(&format!("    {line}"))?;
+        } else {
+            self.unexpected += 1;
+            self.say(&format!("    UNEXPECTED {line} (expected: {expected})"))?;
+        }
+        Ok(observed)
+    }
+
+    fn describe(&self, ns: &str, pod: &str, o: &Observed) -> Result<String> {
+        let client = Pods::of(self.cluster, ns)?;
+        let servers = Pods::of(self.cluster, NS)?;
+        let mut text = format!("{ns}/{pod} → echo.demo: {}/{} answered", o.answered, o.sent);
+        if o.answered > 0 {
+            let by: Vec<String> = o
+                .servers
+                .iter()
+                .map(|s| format!("{s} ({})", servers.node(s)))
+                .collect();
+            let seen: Vec<&str> = o.sources.iter().map(String::as_str).collect();
+            let own = client.ip(pod);
+            let whose = if seen == [own] {
+                format!("{pod}'s own IP")
+            } else {
+                format!("{pod}'s IP is {own}")
+            };
+            text.push_str(&format!(
+                " by {}; the server saw {} ({whose})",
+                by.join(", "),
+                seen.join(", ")
+            ));
+            let principals = o.mtls_principals("-");
+            if !principals.is_empty() {
+                let ids: Vec<String> = principals
+                    .iter()
+                    .map(|p| format!("spiffe://{}", p.trim_start_matches("spiffe://")))
+                    .collect();
+                text.push_str(&format!(
+                    "; mTLS through ztunnel, client identity {}",
+                    ids.join(", ")
+                ));
+            } else if o.counted("unknown", "-") {
+                text.push_str("; plaintext, accepted by the server's ztunnel");
+            } else if o.mesh.is_empty() {
+                text.push_str("; plaintext, no proxy on the path");
+            }
+        } else {
+            text.push_str(" — refused");
+            let denied_mtls = o.mtls_principals("DENY");
+            if !denied_mtls.is_empty() {
+                let ids: Vec<&str> = denied_mtls.into_iter().collect();
+                text.push_str(&format!(
+                    ": the server's ztunnel denied identity {}",
+                    ids.join(", ")
+                ));
+            } else if o.counted("unknown", "DENY") {
+                text.push_str(": the server's ztunnel denied plaintext (no identity)");
+            }
+        }
+        Ok(text)
+    }
+}
+
+fn annotation(pod: &Object) -> Option<&str> {
+    pod.0["metadata"]["annotations"]["ambient.istio.io/redirection"].as_str()
+}
+
+/// Runs the tour, writing the report to `out`. The cluster stays up for looking around.
+///
+/// # Errors
+/// A missing prerequisite (with what to do), a cluster that fails to come up, or a step whose
+/// observation never matched what the mesh should do.
+pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
+    let weft_exe = match &config.weft_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().context("locating the weft executable")?,
+    };
+    preflight(config, &weft_exe)?;
+    let started = Instant::now();
+    writeln!(
+        out,
+        "Weft demo: bringing up local cluster {:?} (2 nodes; controller, CNI agent and ztunnel \
+         per node). Ctrl-C is safe at any point: `weft demo down` removes everything.",
+        config.name
+    )?;
+    let mut options = Options::new(&config.name);
+    options.nodes = 2;
+    options.weft_exe = Some(weft_exe);
+    let cluster = Cluster::up(&options)?;
+    cluster.apply_yaml(&manifest(config, "00-app.yaml", APP)?)?;
+    let ready = Duration::from_secs(60);
+    let echo = cluster.wait_ready(NS, &[("app", "echo")], 2, ready)?;
+    cluster.wait_ready(NS, &[], 4, ready)?;
+    cluster.wait_ready("legacy", &[], 1, ready)?;
+    let svc = cluster
+        .store()
+        .get(&ObjectKey::new("", "Service", Some(NS), "echo"))?
+        .context("Service demo/echo")?;
+    let vip = svc.0["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or("-")
+        .to_owned();
+    let pods = Pods::of(&cluster, NS)?;
+    let legacy = Pods::of(&cluster, "legacy")?;
+    let placement: Vec<String> = echo
+        .iter()
+        .map(|p| format!("{} on {}", p.name(), pods.node(p.name())))
+        .collect();
+    writeln!(
+        out,
+        "Up in {:.0} s. Deployed examples/demo: Service echo.demo ({vip}) with replicas {}; \
+         clients demo/frontend ({}), demo/batch ({}), legacy/client ({}).",
+        started.elapsed().as_secs_f64(),
+        placement.join(", "),
+        pods.ip("frontend"),
+        pods.ip("batch"),
+        legacy.ip("client"),
+    )?;
+    let mut tour = Tour {
+        cluster: &cluster,
+        url: "http://echo.demo.svc.cluster.local/".to_owned(),
+        out,
+        unexpected: 0,
+    };
+    // weft-echo resolves nothing: dial the VIP, as a pod's resolver would return it.
+    tour.url = format!("http://{vip}/");
+
+    tour.say("\n(a) Before enrollment: namespace demo is not in the mesh.")?;
+    for (ns, pod) in [(NS, "frontend"), (NS, "batch"), ("legacy", "client")] {
+        tour.request(ns, pod, "answered in plaintext, no proxy", |o| {
+            o.all_answered() && o.mesh.is_empty()
+        })?;
+    }
+
+    tour.say(
+        "\n(b) `weft cluster label namespace demo istio.io/dataplane-mode=ambient` — no pod is \
+         restarted.",
+    )?;
+    let uids_before: BTreeSet<String> = cluster
+        .pods(Some(NS))?
+        .iter()
+        .filter_map(|p| p.uid().map(str::to_owned))
+        .collect();
+    cluster.label_namespace(NS, "istio.io/dataplane-mode", Some("ambient"))?;
+    let deadline = Instant::now() + CONVERGE;
+    let enrolled = loop {
+        let pods = cluster.pods(Some(NS))?;
+        let enrolled: Vec<String> = pods
+            .iter()
+            .filter(|p| annotation(p) == Some("enabled"))
+            .map(|p| p.name().to_owned())
+            .collect();
+        if enrolled.len() == pods.len() || Instant::now() > deadline {
+            break enrolled;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let uids_after: BTreeSet<String> = cluster
+        .pods(Some(NS))?
+        .iter()
+        .filter_map(|p| p.uid().map(str::to_owned))
+        .collect();
+    tour.say(&format!(
+        "    enrolled by the node agents (ambient.istio.io/redirection=enabled): {}; {}",
+        enrolled.join(", "),
+        if uids_before == uids_after {
+            "every pod kept running (same pod UIDs)"
+        } else {
+            "UNEXPECTED: pods were replaced"
+        }
+    ))?;
+    if uids_before != uids_after || enrolled.len() != uids_after.len() {
+        tour.unexpected += 1;
+    }
+    for pod in ["frontend", "batch"] {
+        let principal = format!("cluster.local/ns/demo/sa/{pod}");
+        tour.request(
+            NS,
+            pod,
+            "answered over mTLS with the pod's identity",
+            move |o| {
+                o.all_answered()
+                    && o.mtls_principals("-")
+                        .iter()
+                        .any(|p| p.trim_start_matches("spiffe://") == principal)
+            },
+        )?;
+    }
+    tour.request(
+        "legacy",
+        "client",
+        "answered in plaintext through the server's ztunnel (PERMISSIVE)",
+        |o| o.all_answered() && o.counted("unknown", "-"),
+    )?;
+
+    tour.say(
+        "\n(c) `weft cluster apply -f examples/demo/10-allow-frontend.yaml`: only \
+         spiffe://cluster.local/ns/demo/sa/frontend may reach echo.",
+    )?;
+    cluster.apply_yaml(&manifest(config, "10-allow-frontend.yaml", ALLOW_FRONTEND)?)?;
+    tour.request(NS, "batch", "refused", Observed::none_answered)?;
+    tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
+    tour.request("legacy", "client", "refused", Observed::none_answered)?;
+
+    tour.say(
+        "\n(d) Policy removed; `weft cluster apply -f examples/demo/20-strict-mtls.yaml`: \
+         namespace demo accepts mutual TLS only.",
+    )?;
+    cluster.delete_yaml(&manifest(config, "10-allow-frontend.yaml", ALLOW_FRONTEND)?)?;
+    cluster.apply_yaml(&manifest(config, "20-strict-mtls.yaml", STRICT)?)?;
+    tour.request("legacy", "client", "refused", Observed::none_answered)?;
+    tour.request(NS, "batch", "answered over mTLS", Observed::all_answered)?;
+    tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
+
+    let name_flag = if config.name == DEFAULT_NAME {
+        String::new()
+    } else {
+        format!(" --name {}", config.name)
+    };
+    let unexpected = tour.unexpected;
+    tour.say(&format!(
+        "\nLook around (the cluster stays up):\n  \
+         weft ztunnel-config workloads{name_flag}      # what each node's ztunnel knows\n  \
+         weft ztunnel-config policies{name_flag}\n  \
+         weft ztunnel-config certificates{name_flag}\n  \
+         weft proxy-status{name_flag}                   # the controller's xDS clients, ACKed and in sync\n  \
+         weft cluster get pods -A{name_flag}\n  \
+         weft cluster exec{name_flag} demo/frontend -- weft-echo client {url}\n\
+         Remove everything: weft demo down{name_flag}",
+        url = tour.url
+    ))?;
+    if unexpected > 0 {
+        bail!("{unexpected} step(s) did not behave as expected (lines marked UNEXPECTED)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_lines_parse() {
+        let (labels, value) = parse_line(
+            r#"istio_tcp_connections_opened_total{reporter="destination",source_principal="spiffe://cluster.local/ns/demo/sa/frontend",connection_security_policy="mutual_tls",response_flags="-"} 3"#,
+        )
+        .unwrap();
+        assert_eq!(labels["reporter"], "destination");
+        assert_eq!(
+            labels["source_principal"],
+            "spiffe://cluster.local/ns/demo/sa/frontend"
+        );
+        assert_eq!(labels["response_flags"], "-");
+        assert_eq!(value, 3);
+        assert!(parse_line("# HELP x").is_none());
+    }
+
+    #[test]
+    fn observations_classify() {
+        let mut o = Observed {
+            answered: 0,
+            sent: 4,
+            ..Observed::default()
+        };
+        o.mesh.insert(
+            (
+                "spiffe://cluster.local/ns/demo/sa/batch".into(),
+                "mutual_tls".into(),
+                "DENY".into(),
+            ),
+            4,
+        );
+        assert!(o.none_answered() && !o.all_answered());
+        assert_eq!(
+            o.mtls_principals("DENY").into_iter().collect::<Vec<_>>(),
+            ["spiffe://cluster.local/ns/demo/sa/batch"]
+        );
+        assert!(o.mtls_principals("-").is_empty());
+        assert!(!o.counted("unknown", "DENY"));
+    }
+
+    #[test]
+    fn the_built_in_manifests_parse() {
+        for (name, text) in [("00-app.yaml", APP), ("10", ALLOW_FRONTEND), ("20", STRICT)] {
+            let objects = crate::cluster::manifest::parse(text, name).unwrap();
+            assert!(!objects.is_empty(), "{name}");
+        }
+    }
+}
