@@ -471,28 +471,6 @@ fn print_objects(
             _ => vec![ns, name],
         });
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("   ")
-            .trim_end()
-            .to_owned()
-    };
-    println!("{}", line(header.iter().map(|h| (*h).to_owned()).collect()));
-    for row in rows {
-        println!("{}", line(row));
-    }
+    print!("{}", inspect::render_table(&header, &rows));
     Ok(())
 }
