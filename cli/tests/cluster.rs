@@ -1836,3 +1836,170 @@ fn the_demo_reports_what_the_cluster_did() {
         "{stderr}"
     );
 }
+
+/// The pod's redirection annotation.
+fn redirection(cluster: &Cluster, ns: &str, pod: &str) -> Option<String> {
+    cluster.pod(ns, pod).ok()?.0["metadata"]["annotations"]["ambient.istio.io/redirection"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// `true` when all `count` requests from `ns/pod` to `url` got 200.
+fn all_ok(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> bool {
+    let lines = echo_lines(cluster, ns, pod, url, count);
+    lines.len() == count as usize && lines.iter().all(|l| l["status"] == 200)
+}
+
+/// `true` when none of `count` requests from `ns/pod` to `url` got 200.
+fn none_ok(cluster: &Cluster, ns: &str, pod: &str, url: &str, count: u32) -> bool {
+    echo_lines(cluster, ns, pod, url, count)
+        .iter()
+        .all(|l| l["status"] != 200)
+}
+
+#[test]
+fn a_pod_labelled_none_stays_out_of_an_ambient_namespace() {
+    if !root_or_skip("a_pod_labelled_none_stays_out_of_an_ambient_namespace") {
+        return;
+    }
+    let cluster = TestCluster::up("t-optout", 2);
+    let (_, vip) = mesh_up(&cluster);
+    let url = format!("http://{vip}/");
+    cluster
+        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: optout, namespace: b, labels: {istio.io/dataplane-mode: none}}\nspec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}\n")
+        .unwrap();
+    cluster.wait_ready("b", &[], 2, READY).unwrap();
+    wait_until("the sibling enrolled", READY, || {
+        redirection(&cluster, "b", "client").as_deref() == Some("enabled")
+    });
+    // Left alone: no annotation, no rules in its netns, plaintext to the service.
+    let optout = cluster.pod("b", "optout").unwrap();
+    assert_eq!(redirection(&cluster, "b", "optout"), None);
+    let state = redirection_state(&cluster.layout().pod_netns(optout.uid().unwrap()));
+    assert!(!state.contains("weft-ambient"), "{state}");
+    wait_until("both reach echo", READY, || {
+        all_ok(&cluster, "b", "client", &url, 4) && all_ok(&cluster, "b", "optout", &url, 4)
+    });
+    // STRICT tells them apart: the opted-out pod speaks plaintext, its sibling mTLS.
+    cluster
+        .apply_yaml("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: a}\nspec: {mtls: {mode: STRICT}}\n")
+        .unwrap();
+    wait_until("STRICT refuses the opted-out pod", READY, || {
+        none_ok(&cluster, "b", "optout", &url, 4)
+    });
+    assert!(all_ok(&cluster, "b", "client", &url, 4));
+}
+
+#[test]
+fn an_ip_block_policy_admits_only_that_address() {
+    if !root_or_skip("an_ip_block_policy_admits_only_that_address") {
+        return;
+    }
+    let cluster = TestCluster::up("t-ipblock", 2);
+    let (client, vip) = mesh_up(&cluster);
+    let url = format!("http://{vip}/");
+    cluster
+        .apply_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: other, namespace: b}\nspec: {nodeName: node-2, containers: [{name: c, command: [sleep, infinity]}]}\n")
+        .unwrap();
+    cluster.wait_ready("b", &[], 2, READY).unwrap();
+    wait_until("both clients through the mesh", READY, || {
+        all_ok(&cluster, "b", "client", &url, 4) && all_ok(&cluster, "b", "other", &url, 4)
+    });
+    // Same namespace and identity: only the source address tells them apart.
+    authorization_policy(
+        &cluster,
+        "ALLOW",
+        &format!(
+            "[{{from: [{{source: {{ipBlocks: [\"{}/32\"]}}}}]}}]",
+            ip_of(&client)
+        ),
+    );
+    wait_until("the other address refused", READY, || {
+        none_ok(&cluster, "b", "other", &url, 4)
+    });
+    assert!(all_ok(&cluster, "b", "client", &url, 4));
+    // notIpBlocks inverts it.
+    authorization_policy(
+        &cluster,
+        "ALLOW",
+        &format!(
+            "[{{from: [{{source: {{notIpBlocks: [\"{}/32\"]}}}}]}}]",
+            ip_of(&client)
+        ),
+    );
+    wait_until("the listed address refused", READY, || {
+        none_ok(&cluster, "b", "client", &url, 4)
+    });
+    assert!(all_ok(&cluster, "b", "other", &url, 4));
+}
+
+/// The workloads node-1's ztunnel knows, by pod name.
+fn ztunnel_workloads(cluster: &Cluster, node: u8) -> BTreeSet<String> {
+    weft::inspect::config_dump(cluster, node)
+        .map(|dump| {
+            dump["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn scale_up_and_pod_deletion_reach_the_ztunnels_within_2_s() {
+    if !root_or_skip("scale_up_and_pod_deletion_reach_the_ztunnels_within_2_s") {
+        return;
+    }
+    let cluster = TestCluster::up("t-scale", 2);
+    let (_, vip) = mesh_up(&cluster);
+    let url = format!("http://{vip}/");
+    wait_until("traffic flows", READY, || {
+        all_ok(&cluster, "b", "client", &url, 4)
+    });
+    // Scale 2 → 4: each new replica is known to the client's ztunnel within 2 s of being
+    // Ready (the bound), and then receives traffic.
+    cluster
+        .apply_yaml(&MESH.replace("replicas: 2", "replicas: 4"))
+        .unwrap();
+    let replicas = cluster
+        .wait_ready("a", &[("app", "echo")], 4, READY)
+        .unwrap();
+    let names: BTreeSet<String> = replicas.iter().map(|p| p.name().to_owned()).collect();
+    wait_until(
+        "new replicas in node-1's ztunnel",
+        Duration::from_secs(2),
+        || ztunnel_workloads(&cluster, 1).is_superset(&names),
+    );
+    let mut seen = BTreeSet::new();
+    wait_until("all four replicas answer", READY, || {
+        for line in echo_lines(&cluster, "b", "client", &url, 20) {
+            if let Some(pod) = line["pod"].as_str() {
+                seen.insert(pod.to_owned());
+            }
+        }
+        seen.is_superset(&names)
+    });
+    // Deleting a replica removes it from the ztunnels within 2 s; traffic keeps flowing.
+    let victim = names.iter().next().unwrap().clone();
+    cluster
+        .store()
+        .delete(&[ObjectKey::new("", "Pod", Some("a"), &victim)])
+        .unwrap();
+    wait_until(
+        "the deleted replica gone from both ztunnels",
+        Duration::from_secs(2),
+        || {
+            !ztunnel_workloads(&cluster, 1).contains(&victim)
+                && !ztunnel_workloads(&cluster, 2).contains(&victim)
+        },
+    );
+    let lines = echo_lines(&cluster, "b", "client", &url, 20);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == 200 && l["pod"] != victim.as_str()),
+        "{lines:?}"
+    );
+}
