@@ -2003,3 +2003,242 @@ fn scale_up_and_pod_deletion_reach_the_ztunnels_within_2_s() {
         "{lines:?}"
     );
 }
+
+/// A client in a pod that opens a new connection to `addr` every 100 ms and sends one request;
+/// records (when, answered) until stopped.
+struct BackgroundClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    results: std::sync::Arc<std::sync::Mutex<Vec<(Instant, bool)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundClient {
+    fn start(netns: String, addr: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, results) = (stop.clone(), results.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let at = Instant::now();
+                    let ok = weft::cluster::netns::within(&netns, move || {
+                        let mut conn =
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                                .ok()?;
+                        conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                        keep_alive_get(&mut conn)
+                    })
+                    .ok()
+                    .flatten()
+                    .is_some_and(|status| status == "HTTP/1.1 200 OK");
+                    results.lock().unwrap().push((at, ok));
+                    std::thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+                }
+            })
+        };
+        BackgroundClient {
+            stop,
+            results,
+            thread: Some(thread),
+        }
+    }
+
+    /// Attempts and failures that started in `[from, to)`.
+    fn between(&self, from: Instant, to: Instant) -> (usize, usize) {
+        let results = self.results.lock().unwrap();
+        let window: Vec<bool> = results
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, ok)| *ok)
+            .collect();
+        (window.len(), window.iter().filter(|ok| !**ok).count())
+    }
+}
+
+impl Drop for BackgroundClient {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn traffic_keeps_flowing_through_component_restarts() {
+    if !root_or_skip("traffic_keeps_flowing_through_component_restarts") {
+        return;
+    }
+    let cluster = TestCluster::up("t-restarts", 2);
+    let (client, vip) = mesh_up(&cluster);
+    let url = format!("http://{vip}/");
+    wait_until("traffic flows", READY, || {
+        all_ok(&cluster, "b", "client", &url, 4)
+    });
+    let background = BackgroundClient::start(
+        cluster.layout().pod_netns(client.uid().unwrap()),
+        format!("{vip}:80").parse().unwrap(),
+    );
+    let settle = || std::thread::sleep(Duration::from_secs(2));
+    settle();
+
+    // Controller restart: the ztunnels keep their last good config; no connection may fail.
+    let from = Instant::now();
+    cluster.stop_control_plane().unwrap();
+    settle();
+    cluster.start_control_plane().unwrap();
+    settle();
+    let (attempts, failures) = background.between(from, Instant::now());
+    assert!(attempts >= 20, "{attempts} attempts");
+    assert_eq!(
+        failures, 0,
+        "controller restart: {failures} of {attempts} failed"
+    );
+
+    // CNI agent restart on the client's node: pods stay captured and served; no failures.
+    let from = Instant::now();
+    cluster.stop_cni_agent(1).unwrap();
+    settle();
+    cluster.start_cni_agent(1).unwrap();
+    settle();
+    let (attempts, failures) = background.between(from, Instant::now());
+    assert_eq!(
+        failures, 0,
+        "agent restart: {failures} of {attempts} failed"
+    );
+
+    // ztunnel restart on the client's node: its pods' traffic fails closed while it is down.
+    // Allowed window: from the stop until 5 s after the start (the restart bound); every
+    // connection started later succeeds.
+    let stopped = Instant::now();
+    cluster.stop_ztunnel(1).unwrap();
+    settle();
+    cluster.start_ztunnel(1).unwrap();
+    let allowed_until = Instant::now() + Duration::from_secs(5);
+    std::thread::sleep(Duration::from_secs(8));
+    let (during, failed_during) = background.between(stopped, allowed_until);
+    let (after, failed_after) = background.between(allowed_until, Instant::now());
+    assert!(
+        failed_during > 0,
+        "traffic failed closed while ztunnel was down ({during} attempts)"
+    );
+    assert!(after >= 20, "{after} attempts after the window");
+    assert_eq!(
+        failed_after, 0,
+        "ztunnel restart: {failed_after} of {after} failed after the 5 s window"
+    );
+}
+
+#[test]
+fn two_hundred_pods_come_up_enrolled_and_reachable() {
+    if !root_or_skip("two_hundred_pods_come_up_enrolled_and_reachable") {
+        return;
+    }
+    let cluster = TestCluster::up("t-200", 2);
+    cluster
+        .apply_yaml(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: big, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: big}
+spec:
+  replicas: 199
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        readinessProbe: {tcpSocket: {port: 9000}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: big, labels: {app: client}}
+spec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}
+"#,
+        )
+        .unwrap();
+    let pods = cluster
+        .wait_ready("big", &[], 200, Duration::from_secs(240))
+        .unwrap();
+    assert_eq!(pods.len(), 200);
+    let per_node = |n: &str| pods.iter().filter(|p| p.0["spec"]["nodeName"] == n).count();
+    assert!(
+        per_node("node-1") >= 90 && per_node("node-2") >= 90,
+        "spread over both nodes"
+    );
+    wait_until("all 200 enrolled", READY, || {
+        cluster
+            .pods(Some("big"))
+            .unwrap()
+            .iter()
+            .all(|p| p.0["metadata"]["annotations"]["ambient.istio.io/redirection"] == "enabled")
+    });
+    // Every echo pod answers the client through the mesh (its TCP greeting names the pod).
+    let client = cluster.pod("big", "client").unwrap();
+    let targets: Vec<(String, std::net::SocketAddr)> = pods
+        .iter()
+        .filter(|p| p.name() != "client")
+        .map(|p| {
+            (
+                p.name().to_owned(),
+                format!("{}:9000", ip_of(p)).parse().unwrap(),
+            )
+        })
+        .collect();
+    let mut unreachable = targets.clone();
+    wait_until("every pod reachable from the client", READY, || {
+        let pending = unreachable.clone();
+        unreachable = weft::cluster::netns::within(
+            &cluster.layout().pod_netns(client.uid().unwrap()),
+            move || {
+                use std::io::BufRead;
+                pending
+                    .into_iter()
+                    .filter(|(name, addr)| {
+                        let greeted = (|| {
+                            let conn =
+                                std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
+                                    .ok()?;
+                            conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                            let mut line = String::new();
+                            std::io::BufReader::new(conn).read_line(&mut line).ok()?;
+                            Some(line.starts_with(&format!("{name} ")))
+                        })();
+                        greeted != Some(true)
+                    })
+                    .collect()
+            },
+        )
+        .unwrap();
+        unreachable.is_empty()
+    });
+    // Through the mesh: the client's ztunnel counted mTLS connections to them.
+    let metrics = http_get_in(
+        &cluster.layout().node_netns(1),
+        cluster.ztunnel_stats_address(1),
+        "/metrics",
+    );
+    let opened: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum();
+    assert!(
+        opened >= 199,
+        "{opened} mTLS connections from the client's ztunnel"
+    );
+}
