@@ -32,6 +32,8 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use weft::cluster::{Cluster, Options, netns};
 
+use crate::report::median;
+
 /// Arguments of `mesh`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
@@ -169,17 +171,6 @@ pub(crate) struct MeshResult {
     rss_loaded: [u64; 2],
     /// Idle connections actually established.
     idle_established: u32,
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[mid],
-        _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
-    }
 }
 
 impl MeshResult {

@@ -6,6 +6,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
 
+/// The median of `values` (mean of the middle two for an even count; NaN when empty).
+pub(crate) fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[mid],
+        _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
+    }
+}
+
 /// One path's measured runs.
 #[derive(Debug, Clone)]
 pub(crate) struct PathResult {
@@ -24,14 +36,7 @@ impl PathResult {
 
     /// Median run in Gbit/s (mean of the middle two for an even count).
     pub(crate) fn median(&self) -> f64 {
-        let mut sorted = self.gbps.clone();
-        sorted.sort_by(f64::total_cmp);
-        let mid = sorted.len() / 2;
-        match sorted.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => sorted[mid],
-            _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
-        }
+        median(&self.gbps)
     }
 
     /// Fastest run in Gbit/s.
