@@ -54,7 +54,7 @@ impl Handler for Forward {
         }
     }
 
-    fn finished(&self, _request: &ConnectRequest, _result: &io::Result<(u64, u64)>) {
+    fn finished(&self, _upstream: TcpStream, _result: &io::Result<(u64, u64)>) {
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -27,7 +27,7 @@ use weft_core::policy::{self, Verdict};
 use weft_core::state::{SELF_PORTS, Workload, WorkloadType, target_port};
 
 use crate::conntrack::{Revocable, Tracker};
-use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
+use crate::metrics::{ConnectionInfo, Counted, Metrics, Reporter, TrafficLabels};
 use crate::state::ProxyState;
 
 /// How long the app connect may take.
@@ -184,16 +184,14 @@ pub fn baggage(workload: &Workload) -> Baggage {
 }
 
 impl<C: AppConnector> Handler for Inbound<C> {
-    type Upstream = Revocable<TcpStream>;
+    type Upstream = Counted<Revocable<TcpStream>>;
 
-    async fn decide(&self, request: &ConnectRequest) -> Decision<Revocable<TcpStream>> {
+    async fn decide(&self, request: &ConnectRequest) -> Decision<Self::Upstream> {
         let (dst, headers, conn) = match self.check(request) {
             Ok(ok) => ok,
             Err(refusal) => {
                 if refusal == Refusal::Unauthorized {
-                    let labels = self.labels(request, "DENY");
-                    self.metrics.open(&labels);
-                    self.metrics.close(&labels, 0, 0);
+                    self.metrics.open(&self.labels(request, "DENY")).close(0, 0);
                 }
                 return Decision::Refuse(refusal);
             }
@@ -201,10 +199,13 @@ impl<C: AppConnector> Handler for Inbound<C> {
         let source = request.peer_addr.ip();
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connector.connect(dst, source)).await {
             Ok(Ok(upstream)) => {
-                self.metrics.open(&self.labels(request, "-"));
+                let counters = self.metrics.open(&self.labels(request, "-"));
                 let (registration, revoked) = self.tracker.register(&self.workload_uid, conn);
                 Decision::Accept {
-                    upstream: Revocable::new(upstream, registration, revoked),
+                    upstream: Counted {
+                        inner: Revocable::new(upstream, registration, revoked),
+                        counters,
+                    },
                     headers,
                 }
             }
@@ -216,9 +217,8 @@ impl<C: AppConnector> Handler for Inbound<C> {
         }
     }
 
-    fn finished(&self, request: &ConnectRequest, result: &io::Result<(u64, u64)>) {
+    fn finished(&self, upstream: Self::Upstream, result: &io::Result<(u64, u64)>) {
         let (received, sent) = result.as_ref().map_or((0, 0), |r| *r);
-        self.metrics
-            .close(&self.labels(request, "-"), received, sent);
+        upstream.counters.close(received, sent);
     }
 }

@@ -161,25 +161,86 @@ impl Metrics {
         );
     }
 
-    /// Records a connection opening.
-    pub fn open(&self, labels: &TrafficLabels) {
+    /// Records a connection opening; the returned handle records its close. The handle keeps
+    /// only the three counters (shared with the metric families), not the labels, so a
+    /// long-lived connection costs a few pointers here.
+    pub fn open(&self, labels: &TrafficLabels) -> OpenConnection {
         self.opened.get_or_create(labels).inc();
+        OpenConnection {
+            closed: self.closed.get_or_create(labels).clone(),
+            received: self.received_bytes.get_or_create(labels).clone(),
+            sent: self.sent_bytes.get_or_create(labels).clone(),
+        }
+    }
+}
+
+/// An open connection's close-time counters (from [`Metrics::open`]).
+#[derive(Debug)]
+pub struct OpenConnection {
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+impl OpenConnection {
+    /// Records the close with the bytes copied each way.
+    pub fn close(self, client_to_server_bytes: u64, server_to_client_bytes: u64) {
+        self.closed.inc();
+        self.received.inc_by(client_to_server_bytes);
+        self.sent.inc_by(server_to_client_bytes);
+    }
+}
+
+/// A connection carrying its [`OpenConnection`] counters (an HBONE handler's upstream), so the
+/// close can be recorded without keeping the request or the labels.
+#[derive(Debug)]
+pub struct Counted<S> {
+    /// The connection.
+    pub inner: S,
+    /// Its counters.
+    pub counters: OpenConnection,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    /// Records a connection closing with its byte counts.
-    pub fn close(
-        &self,
-        labels: &TrafficLabels,
-        client_to_server_bytes: u64,
-        server_to_client_bytes: u64,
-    ) {
-        self.closed.get_or_create(labels).inc();
-        self.received_bytes
-            .get_or_create(labels)
-            .inc_by(client_to_server_bytes);
-        self.sent_bytes
-            .get_or_create(labels)
-            .inc_by(server_to_client_bytes);
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: weft_core::copy::ReadReady> weft_core::copy::ReadReady for Counted<S> {
+    fn poll_read_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.poll_read_ready(cx)
     }
 }
 
@@ -208,8 +269,7 @@ mod tests {
                 ..ConnectionInfo::default()
             },
         );
-        metrics.open(&labels);
-        metrics.close(&labels, 11, 22);
+        metrics.open(&labels).close(11, 22);
         let text = encode(&registry);
         assert!(
             text.contains("istio_tcp_connections_opened_total{"),

@@ -18,7 +18,7 @@ use weft_core::hbone::{self, Key, Pool, PoolError};
 use weft_core::state::{Decision, random_below};
 
 use crate::inbound::baggage;
-use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
+use crate::metrics::{ConnectionInfo, Metrics, OpenConnection, Reporter, TrafficLabels};
 use crate::state::ProxyState;
 
 /// Opens plain TCP connections from the pod (in ztunnel: inside the pod netns, marked).
@@ -63,6 +63,12 @@ pub enum Error {
     /// Copying failed mid-stream.
     #[error("copying")]
     Copy(#[source] io::Error),
+}
+
+/// An outbound connection's upstream.
+enum Upstream {
+    Hbone(hbone::Stream),
+    Tcp(TcpStream),
 }
 
 /// The outbound path of one pod.
@@ -113,6 +119,24 @@ impl<C: UpstreamConnector> Outbound<C> {
         dst: SocketAddr,
     ) -> Result<(u64, u64), Error> {
         let client = downstream.peer_addr().map_err(Error::Copy)?;
+        // Routing and connecting happen in boxed futures that are freed before the copy, and
+        // the copy keeps only the counters: an idle proxied connection's task stays small.
+        let (mut upstream, counters) = Box::pin(self.connect_upstream(client, dst)).await?;
+        let result = match &mut upstream {
+            Upstream::Hbone(stream) => hbone::copy_bidirectional(&mut downstream, stream).await,
+            Upstream::Tcp(stream) => hbone::copy_bidirectional(&mut downstream, stream).await,
+        };
+        let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
+        counters.close(sent, received);
+        result.map_err(Error::Copy)
+    }
+
+    /// Decides the route for `dst` and opens the upstream connection; records failures.
+    async fn connect_upstream(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<(Upstream, OpenConnection), Error> {
         let (decision, identity, headers, source) = {
             let inner = self.state.read();
             let source = inner
@@ -189,40 +213,33 @@ impl<C: UpstreamConnector> Outbound<C> {
                     .pool
                     .connect(&key, &authority.to_string(), headers)
                     .await;
-                let mut upstream = match connected {
-                    Ok(upstream) => upstream,
+                match connected {
+                    Ok(upstream) => Ok((
+                        Upstream::Hbone(upstream),
+                        self.metrics.open(&labels(true, "-")),
+                    )),
                     Err(source) => {
                         let flags = if source.status() == Some(http::StatusCode::UNAUTHORIZED) {
                             "DENY"
                         } else {
                             "CONNECT"
                         };
-                        let l = labels(true, flags);
-                        self.metrics.open(&l);
-                        self.metrics.close(&l, 0, 0);
-                        return Err(Error::Hbone { target, source });
+                        self.metrics.open(&labels(true, flags)).close(0, 0);
+                        Err(Error::Hbone { target, source })
                     }
-                };
-                let l = labels(true, "-");
-                self.metrics.open(&l);
-                let result = hbone::copy_bidirectional(&mut downstream, &mut upstream).await;
-                let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
-                self.metrics.close(&l, sent, received);
-                result.map_err(Error::Copy)
+                }
             }
             Decision::Tcp { target, .. } | Decision::Passthrough { target } => {
                 debug!(dst.addr = %dst, target = %target, "outbound tcp");
-                let mut upstream = self
+                let upstream = self
                     .connector
                     .connect(target)
                     .await
                     .map_err(|source| Error::Connect { target, source })?;
-                let l = labels(false, "-");
-                self.metrics.open(&l);
-                let result = hbone::copy_bidirectional(&mut downstream, &mut upstream).await;
-                let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
-                self.metrics.close(&l, sent, received);
-                result.map_err(Error::Copy)
+                Ok((
+                    Upstream::Tcp(upstream),
+                    self.metrics.open(&labels(false, "-")),
+                ))
             }
             Decision::NoHealthyEndpoint { service } => {
                 Err(Error::NoHealthyEndpoint(service.key().to_owned()))

@@ -304,13 +304,14 @@ async fn serve_plaintext(
                 );
                 (allowed, labels, conn)
             };
-            shared.metrics.open(&labels);
+            let counters = shared.metrics.open(&labels);
+            drop(labels);
             if !allowed {
                 debug!(src.addr = %peer, dst.addr = %dst, "plaintext connection denied");
-                shared.metrics.close(&labels, 0, 0);
+                counters.close(0, 0);
                 return;
             }
-            let result = match AppConnector::connect(&sockets, dst, peer.ip()).await {
+            let result = match Box::pin(AppConnector::connect(&sockets, dst, peer.ip())).await {
                 Ok(app) => {
                     let (registration, revoked) = shared.tracker.register(&uid, conn);
                     let mut app = Revocable::new(app, registration, revoked);
@@ -319,7 +320,7 @@ async fn serve_plaintext(
                 Err(err) => Err(err),
             };
             let (received, sent) = result.as_ref().map_or((0, 0), |r| *r);
-            shared.metrics.close(&labels, received, sent);
+            counters.close(received, sent);
         });
     }
 }

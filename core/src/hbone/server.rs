@@ -98,9 +98,11 @@ pub trait Handler: Send + Sync + 'static {
         request: &ConnectRequest,
     ) -> impl Future<Output = Decision<Self::Upstream>> + Send;
 
-    /// Called when an accepted stream ends, with the bytes copied
-    /// `(client → upstream, upstream → client)` or the error. Default: nothing.
-    fn finished(&self, _request: &ConnectRequest, _result: &io::Result<(u64, u64)>) {}
+    /// Called when an accepted stream ends, with its upstream and the bytes copied
+    /// `(client → upstream, upstream → client)` or the error. The request is not kept while a
+    /// stream is open (memory per idle stream): what the handler needs at the end travels in
+    /// the upstream. Default: nothing.
+    fn finished(&self, _upstream: Self::Upstream, _result: &io::Result<(u64, u64)>) {}
 }
 
 /// Errors serving one HBONE connection.
@@ -372,7 +374,11 @@ async fn serve_stream<H: Handler>(
     base.authority = authority;
     base.headers = parts.headers;
     let connect = base;
-    let (upstream, headers) = match handler.decide(&connect).await {
+    // Boxed: the decision's future is freed once decided instead of sizing this stream's task
+    // for as long as the stream lives.
+    let decision = Box::pin(handler.decide(&connect)).await;
+    drop(connect);
+    let (upstream, headers) = match decision {
         Decision::Accept { upstream, headers } => (upstream, headers),
         Decision::Refuse(refusal) => {
             debug!(status = refusal.status().as_u16(), "refused by handler");
@@ -394,7 +400,8 @@ async fn serve_stream<H: Handler>(
     let mut stream = Stream::new(send, recv, HeaderMap::new(), None);
     let mut upstream = upstream;
     let result = copy_bidirectional(&mut stream, &mut upstream).await;
-    handler.finished(&connect, &result);
+    drop(stream);
+    handler.finished(upstream, &result);
 }
 
 #[cfg(test)]
