@@ -303,7 +303,7 @@ impl<H: Handler> Server<H> {
                             local_addr,
                         };
                         tokio::spawn(
-                            serve_stream(handler, base, request, respond)
+                            serve_stream(handler, Box::new((base, request, respond)))
                                 .instrument(tracing::Span::current()),
                         );
                     }
@@ -349,12 +349,33 @@ pub(super) fn parse_authority(authority: &http::uri::Authority) -> Option<Author
     })
 }
 
-async fn serve_stream<H: Handler>(
-    handler: Arc<H>,
-    mut base: ConnectRequest,
-    request: Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
-) {
+/// A `CONNECT` stream as accepted by h2, not yet decided.
+type PendingStream = (
+    ConnectRequest,
+    Request<h2::RecvStream>,
+    h2::server::SendResponse<Bytes>,
+);
+
+/// Serves one stream. The request, the decision and the response are handled in a boxed
+/// future freed before the copy starts, so an open stream's task holds only the two ends and
+/// the copy state (hundreds of bytes, not kilobytes, per idle stream).
+async fn serve_stream<H: Handler>(handler: Arc<H>, pending: Box<PendingStream>) {
+    let opened = Box::pin(open_stream(&*handler, pending)).await;
+    let Some((mut stream, mut upstream)) = opened else {
+        return;
+    };
+    let result = copy_bidirectional(&mut stream, &mut upstream).await;
+    drop(stream);
+    handler.finished(upstream, &result);
+}
+
+/// Checks the request, asks the handler and answers: the stream and its upstream when
+/// accepted.
+async fn open_stream<H: Handler>(
+    handler: &H,
+    pending: Box<PendingStream>,
+) -> Option<(Stream, H::Upstream)> {
+    let (mut base, request, mut respond) = *pending;
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refusal: Refusal| {
         let response = Response::builder()
             .status(refusal.status())
@@ -364,25 +385,23 @@ async fn serve_stream<H: Handler>(
     };
     if request.method() != Method::CONNECT {
         debug!(method = %request.method(), "refused: not connect");
-        return refuse(&mut respond, Refusal::BadRequest);
+        refuse(&mut respond, Refusal::BadRequest);
+        return None;
     }
     let Some(authority) = request.uri().authority().and_then(parse_authority) else {
         debug!(uri = %request.uri(), "refused: bad authority");
-        return refuse(&mut respond, Refusal::BadRequest);
+        refuse(&mut respond, Refusal::BadRequest);
+        return None;
     };
     let (parts, recv) = request.into_parts();
     base.authority = authority;
     base.headers = parts.headers;
-    let connect = base;
-    // Boxed: the decision's future is freed once decided instead of sizing this stream's task
-    // for as long as the stream lives.
-    let decision = Box::pin(handler.decide(&connect)).await;
-    drop(connect);
-    let (upstream, headers) = match decision {
+    let (upstream, headers) = match handler.decide(&base).await {
         Decision::Accept { upstream, headers } => (upstream, headers),
         Decision::Refuse(refusal) => {
             debug!(status = refusal.status().as_u16(), "refused by handler");
-            return refuse(&mut respond, refusal);
+            refuse(&mut respond, refusal);
+            return None;
         }
     };
     let mut response = Response::builder()
@@ -390,18 +409,13 @@ async fn serve_stream<H: Handler>(
         .body(())
         .unwrap_or_default();
     *response.headers_mut() = headers;
-    let send = match respond.send_response(response, false) {
-        Ok(send) => send,
+    match respond.send_response(response, false) {
+        Ok(send) => Some((Stream::new(send, recv, HeaderMap::new(), None), upstream)),
         Err(err) => {
             debug!(error = %err, "sending 200 failed");
-            return;
+            None
         }
-    };
-    let mut stream = Stream::new(send, recv, HeaderMap::new(), None);
-    let mut upstream = upstream;
-    let result = copy_bidirectional(&mut stream, &mut upstream).await;
-    drop(stream);
-    handler.finished(upstream, &result);
+    }
 }
 
 #[cfg(test)]
