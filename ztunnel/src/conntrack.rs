@@ -19,7 +19,7 @@ use weft_core::policy::{self, Verdict};
 use crate::state::ProxyState;
 
 struct Tracked {
-    workload_uid: String,
+    workload_uid: Arc<str>,
     connection: policy::Connection,
     revoke: watch::Sender<bool>,
 }
@@ -55,7 +55,7 @@ impl Tracker {
     /// registration and the signal that fires when it is revoked.
     pub fn register(
         self: &Arc<Self>,
-        workload_uid: &str,
+        workload_uid: &Arc<str>,
         connection: policy::Connection,
     ) -> (Registration, watch::Receiver<bool>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -64,7 +64,7 @@ impl Tracker {
             live.insert(
                 id,
                 Tracked {
-                    workload_uid: workload_uid.to_owned(),
+                    workload_uid: workload_uid.clone(),
                     connection,
                     revoke,
                 },
@@ -85,7 +85,7 @@ impl Tracker {
             .lock()
             .map(|live| {
                 live.values()
-                    .map(|t| (t.workload_uid.clone(), t.connection.clone()))
+                    .map(|t| (t.workload_uid.to_string(), t.connection.clone()))
                     .collect()
             })
             .unwrap_or_default()

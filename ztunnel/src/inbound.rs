@@ -43,7 +43,7 @@ pub trait AppConnector: Send + Sync + 'static {
 /// The inbound decision for one pod.
 pub struct Inbound<C> {
     state: Arc<ProxyState>,
-    workload_uid: String,
+    workload_uid: Arc<str>,
     connector: C,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
@@ -54,7 +54,7 @@ impl<C: AppConnector> Inbound<C> {
     pub fn new(state: Arc<ProxyState>, workload_uid: String, connector: C) -> Self {
         Inbound {
             state,
-            workload_uid,
+            workload_uid: workload_uid.into(),
             connector,
             metrics: Arc::new(Metrics::default()),
             tracker: Tracker::new(),

@@ -205,7 +205,7 @@ impl PodProxy {
             serve_plaintext(
                 plaintext_listener,
                 shared.clone(),
-                workload_uid.clone(),
+                Arc::from(workload_uid.as_str()),
                 sockets,
                 watch,
             )
@@ -255,7 +255,7 @@ async fn serve_outbound(
 async fn serve_plaintext(
     listener: TcpListener,
     shared: Arc<Shared>,
-    workload_uid: String,
+    workload_uid: Arc<str>,
     sockets: PodSockets,
     mut drain: drain::Watch,
 ) {

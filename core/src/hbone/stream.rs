@@ -25,7 +25,8 @@ pub struct Stream {
     /// The receive side ended (EOF, or the error to report) while polled for readiness.
     ended: Option<io::Result<()>>,
     write_closed: bool,
-    response_headers: HeaderMap,
+    /// The `200`'s headers (client side); `None` when empty, to keep idle streams small.
+    response_headers: Option<Box<HeaderMap>>,
     _guard: Option<Box<dyn Send + Sync>>,
 }
 
@@ -44,7 +45,7 @@ impl Stream {
             pending: Bytes::new(),
             ended: None,
             write_closed: false,
-            response_headers,
+            response_headers: (!response_headers.is_empty()).then(|| Box::new(response_headers)),
             _guard: guard,
         }
     }
@@ -52,7 +53,8 @@ impl Stream {
     /// Headers of the server's `200` response (e.g. the destination's `baggage`); empty on the
     /// server side.
     pub fn response_headers(&self) -> &HeaderMap {
-        &self.response_headers
+        static EMPTY: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+        self.response_headers.as_deref().unwrap_or(&EMPTY)
     }
 }
 
