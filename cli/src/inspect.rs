@@ -44,7 +44,8 @@ pub enum Section {
     Policies,
     /// Workload certificates held for the node's pods.
     Certificates,
-    /// Live inbound connections and the facts they were authorized with.
+    /// Live connections: inbound with the facts they were authorized with, outbound with where
+    /// they are carried.
     Connections,
     /// The node's enrolled pods and their proxies.
     Pods,
@@ -284,12 +285,26 @@ pub fn ztunnel_config(
         ],
         Section::Policies => vec!["namespace", "name", "action", "scope", "rules", "dry_run"],
         Section::Certificates => vec!["identity", "state", "expires", "last_error"],
-        Section::Connections => vec!["direction", "source", "source_identity", "destination"],
+        Section::Connections => vec![
+            "direction",
+            "source",
+            "source_identity",
+            "destination",
+            "via",
+        ],
         Section::Pods => vec!["name", "state", "last_error"],
     };
     let rows = items
         .iter_mut()
         .map(|item| {
+            if section == Section::Connections {
+                item["via"] = match (item["protocol"].as_str(), item["upstream"].as_str()) {
+                    (Some(protocol), Some(upstream)) => {
+                        Value::String(format!("{protocol} {upstream}"))
+                    }
+                    _ => Value::Null,
+                };
+            }
             if section == Section::Certificates {
                 item["expires"] = item["expires_unix"]
                     .as_u64()

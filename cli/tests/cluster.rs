@@ -1440,6 +1440,33 @@ fn l4_authorization_policies_decide_in_the_cluster() {
         keep_alive_get(&mut conn).as_deref(),
         Some("HTTP/1.1 200 OK")
     );
+    // `weft ztunnel-config connections` shows it on both sides: outbound from robot's ztunnel
+    // (original destination, carried over HBONE to the server pod's 15008) and inbound at the
+    // server's ztunnel with robot's identity.
+    let robot_ip = ip_of(&robot);
+    let connections =
+        weft::inspect::ztunnel_config(&cluster, weft::inspect::Section::Connections, None)
+            .unwrap()
+            .json;
+    let items = connections.as_array().unwrap();
+    assert!(
+        items.iter().any(|c| c["direction"] == "outbound"
+            && c["ztunnel"] == "node-2"
+            && c["source"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{robot_ip}:"))
+            && c["destination"] == format!("{vip}:80")
+            && c["protocol"] == "hbone"
+            && c["upstream"].as_str().unwrap().ends_with(":15008")),
+        "{connections}"
+    );
+    assert!(
+        items.iter().any(|c| c["direction"] == "inbound"
+            && c["source"] == robot_ip.as_str()
+            && c["source_identity"] == "spiffe://cluster.local/ns/b/sa/robot"),
+        "{connections}"
+    );
 
     // DENY by principal (written without `spiffe://`): robot is refused, its established
     // connection is closed, the other identity in the same namespace still gets through.

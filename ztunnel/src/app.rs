@@ -377,9 +377,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })
     };
     let tracker = crate::conntrack::Tracker::new();
+    let outbound_connections = crate::conntrack::OutboundTable::new();
     let quit = Arc::new(tokio::sync::Notify::new());
     let admin: Handler = {
         let tracker = tracker.clone();
+        let outbound_connections = outbound_connections.clone();
         let state = state.clone();
         let certificates = certificates.clone();
         let pods = pods.clone();
@@ -482,6 +484,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         "destination": std::net::SocketAddr::new(c.dst_ip, c.dst_port).to_string(),
                     }))
                     .collect();
+                connections.extend(outbound_connections.snapshot().into_iter().map(|c| {
+                    serde_json::json!({
+                        "direction": "outbound",
+                        "pod_uid": &*c.workload_uid,
+                        "source": c.source.to_string(),
+                        "destination": c.destination.to_string(),
+                        "upstream": c.upstream.to_string(),
+                        "protocol": c.protocol,
+                    })
+                }));
                 connections.sort_by_key(|c| c.to_string());
                 let dump = serde_json::json!({
                     "workloads": workloads, "services": services, "policies": policies,
@@ -519,6 +531,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         start_timeout: config.pod_start_timeout,
         tracker,
+        outbound_connections,
     });
     let manager = PodManager {
         shared,

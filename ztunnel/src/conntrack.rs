@@ -215,3 +215,66 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// Live outbound connections, for the admin endpoint (`/config_dump` → `connections`).
+#[derive(Default)]
+pub struct OutboundTable {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, OutboundEntry>>,
+}
+
+/// One live outbound connection.
+#[derive(Debug, Clone)]
+pub struct OutboundEntry {
+    /// The source pod's workload uid.
+    pub workload_uid: Arc<str>,
+    /// The app's address.
+    pub source: std::net::SocketAddr,
+    /// The app's original destination.
+    pub destination: std::net::SocketAddr,
+    /// Where ztunnel carries it: the HBONE peer (`…:15008`) or the plain TCP target.
+    pub upstream: std::net::SocketAddr,
+    /// `hbone` or `tcp`.
+    pub protocol: &'static str,
+}
+
+/// Removes an outbound connection from its table when dropped.
+pub struct OutboundRegistration {
+    id: u64,
+    table: Arc<OutboundTable>,
+}
+
+impl Drop for OutboundRegistration {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.table.live.lock() {
+            live.remove(&self.id);
+        }
+    }
+}
+
+impl OutboundTable {
+    /// An empty table.
+    pub fn new() -> Arc<OutboundTable> {
+        Arc::new(OutboundTable::default())
+    }
+
+    /// Lists `entry` until the returned registration is dropped.
+    pub fn register(self: &Arc<Self>, entry: OutboundEntry) -> OutboundRegistration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, entry);
+        }
+        OutboundRegistration {
+            id,
+            table: self.clone(),
+        }
+    }
+
+    /// The live outbound connections.
+    pub fn snapshot(&self) -> Vec<OutboundEntry> {
+        self.live
+            .lock()
+            .map(|live| live.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}

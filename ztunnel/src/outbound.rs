@@ -17,6 +17,7 @@ use weft_core::hbone::headers::{BAGGAGE, FORWARDED, Forwarded, TRACEPARENT, Trac
 use weft_core::hbone::{self, Key, Pool, PoolError};
 use weft_core::state::{Decision, random_below};
 
+use crate::conntrack::{OutboundEntry, OutboundTable};
 use crate::inbound::baggage;
 use crate::metrics::{ConnectionInfo, Metrics, OpenConnection, Reporter, TrafficLabels};
 use crate::state::ProxyState;
@@ -65,9 +66,9 @@ pub enum Error {
     Copy(#[source] io::Error),
 }
 
-/// An outbound connection's upstream.
+/// An outbound connection's upstream (an HBONE stream with its peer's address, or TCP).
 enum Upstream {
-    Hbone(hbone::Stream),
+    Hbone(hbone::Stream, SocketAddr),
     Tcp(TcpStream),
 }
 
@@ -75,6 +76,7 @@ enum Upstream {
 pub struct Outbound<C> {
     state: Arc<ProxyState>,
     workload_uid: String,
+    connections: Option<(Arc<OutboundTable>, Arc<str>)>,
     pool: Pool,
     connector: C,
     hbone_port: u16,
@@ -88,6 +90,7 @@ impl<C: UpstreamConnector> Outbound<C> {
         Outbound {
             state,
             workload_uid,
+            connections: None,
             pool,
             connector,
             hbone_port: hbone::PORT,
@@ -98,6 +101,13 @@ impl<C: UpstreamConnector> Outbound<C> {
     /// Records telemetry into `metrics` (shared by every pod of this ztunnel).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Lists this pod's live connections in `table` (the admin endpoint's `connections`).
+    pub fn with_connections(mut self, table: Arc<OutboundTable>) -> Self {
+        let uid = Arc::from(self.workload_uid.as_str());
+        self.connections = Some((table, uid));
         self
     }
 
@@ -122,8 +132,21 @@ impl<C: UpstreamConnector> Outbound<C> {
         // Routing and connecting happen in boxed futures that are freed before the copy, and
         // the copy keeps only the counters: an idle proxied connection's task stays small.
         let (mut upstream, counters) = Box::pin(self.connect_upstream(client, dst)).await?;
+        let _listed = self.connections.as_ref().map(|(table, uid)| {
+            let (via, protocol) = match &upstream {
+                Upstream::Hbone(_, via) => (*via, "hbone"),
+                Upstream::Tcp(stream) => (stream.peer_addr().unwrap_or(dst), "tcp"),
+            };
+            table.register(OutboundEntry {
+                workload_uid: uid.clone(),
+                source: client,
+                destination: dst,
+                upstream: via,
+                protocol,
+            })
+        });
         let result = match &mut upstream {
-            Upstream::Hbone(stream) => hbone::copy_bidirectional(&mut downstream, stream).await,
+            Upstream::Hbone(stream, _) => hbone::copy_bidirectional(&mut downstream, stream).await,
             Upstream::Tcp(stream) => hbone::copy_bidirectional(&mut downstream, stream).await,
         };
         let (sent, received) = result.as_ref().map_or((0, 0), |r| *r);
@@ -215,7 +238,7 @@ impl<C: UpstreamConnector> Outbound<C> {
                     .await;
                 match connected {
                     Ok(upstream) => Ok((
-                        Upstream::Hbone(upstream),
+                        Upstream::Hbone(upstream, target),
                         self.metrics.open(&labels(true, "-")),
                     )),
                     Err(source) => {

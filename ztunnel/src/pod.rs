@@ -18,7 +18,7 @@ use weft_core::hbone::{self, Pool, PoolConfig, Server, Settings};
 use weft_core::policy::{self, Verdict};
 use weft_proto::istio::workload::zds::WorkloadInfo;
 
-use crate::conntrack::{Revocable, Tracker};
+use crate::conntrack::{OutboundTable, Revocable, Tracker};
 use crate::inbound::{AppConnector, Inbound};
 use crate::metrics::{ConnectionInfo, Metrics, Reporter, TrafficLabels};
 use crate::netns::{Id, InpodNetns};
@@ -43,6 +43,8 @@ pub struct Shared {
     pub start_timeout: Duration,
     /// Live inbound connections, re-authorized when policies change.
     pub tracker: Arc<Tracker>,
+    /// Live outbound connections (admin endpoint).
+    pub outbound_connections: Arc<OutboundTable>,
 }
 
 /// Why a pod's proxy could not start (sent to the node agent as the NACK text).
@@ -196,7 +198,8 @@ impl PodProxy {
                 pool,
                 sockets.clone(),
             )
-            .with_metrics(shared.metrics.clone()),
+            .with_metrics(shared.metrics.clone())
+            .with_connections(shared.outbound_connections.clone()),
         );
         tokio::spawn(
             serve_outbound(outbound_listener, outbound, watch.clone()).instrument(span.clone()),

@@ -183,6 +183,7 @@ async fn captured_traffic_goes_through_the_pod_proxy() {
         metrics: Arc::new(Metrics::default()),
         start_timeout: STEP,
         tracker: ztunnel::conntrack::Tracker::new(),
+        outbound_connections: ztunnel::conntrack::OutboundTable::new(),
     });
     let info = WorkloadInfo {
         name: "p".into(),
