@@ -855,6 +855,36 @@ impl Cluster {
             .map_err(io(format!("exec in {namespace}/{pod}")))
     }
 
+    /// Runs `weft-echo client URL` in a pod: `count` requests, each on its own connection (so a
+    /// Service VIP spreads them), 3 s timeout each; one JSON line per request on stdout.
+    ///
+    /// # Errors
+    /// As [`Cluster::exec`].
+    pub fn echo_client(
+        &self,
+        namespace: &str,
+        pod: &str,
+        url: &str,
+        count: u32,
+    ) -> Result<Output, Error> {
+        let count = count.to_string();
+        self.exec(
+            namespace,
+            pod,
+            &[
+                "weft-echo",
+                "client",
+                url,
+                "--count",
+                &count,
+                "--concurrency",
+                &count,
+                "--timeout-ms",
+                "3000",
+            ],
+        )
+    }
+
     /// A container's log (the first container when `container` is `None`).
     ///
     /// # Errors

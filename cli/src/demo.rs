@@ -249,22 +249,7 @@ impl Observed {
 
 fn observe(cluster: &Cluster, ns: &str, pod: &str, url: &str) -> Result<Observed> {
     let before = destination_counts(cluster)?;
-    let count = REQUESTS.to_string();
-    let out = cluster.exec(
-        ns,
-        pod,
-        &[
-            "weft-echo",
-            "client",
-            url,
-            "--count",
-            &count,
-            "--concurrency",
-            &count,
-            "--timeout-ms",
-            "3000",
-        ],
-    )?;
+    let out = cluster.echo_client(ns, pod, url, REQUESTS)?;
     let mut observed = Observed::default();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(reply) = serde_json::from_str::<Value>(line) else {

@@ -127,24 +127,7 @@ fn run_echo_client(
     url: &str,
     count: u32,
 ) -> std::process::Output {
-    let count = count.to_string();
-    cluster
-        .exec(
-            ns,
-            pod,
-            &[
-                "weft-echo",
-                "client",
-                url,
-                "--count",
-                &count,
-                "--concurrency",
-                &count,
-                "--timeout-ms",
-                "3000",
-            ],
-        )
-        .expect("exec")
+    cluster.echo_client(ns, pod, url, count).expect("exec")
 }
 
 fn ip_of(pod: &Object) -> String {
