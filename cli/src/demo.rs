@@ -461,14 +461,13 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
         pods.ip("batch"),
         legacy.ip("client"),
     )?;
+    // The local cluster has no DNS: clients dial the VIP, as a pod's resolver would return it.
     let mut tour = Tour {
         cluster: &cluster,
-        url: "http://echo.demo.svc.cluster.local/".to_owned(),
+        url: format!("http://{vip}/"),
         out,
         unexpected: 0,
     };
-    // weft-echo resolves nothing: dial the VIP, as a pod's resolver would return it.
-    tour.url = format!("http://{vip}/");
 
     tour.say("\n(a) Before enrollment: namespace demo is not in the mesh.")?;
     for (ns, pod) in [(NS, "frontend"), (NS, "batch"), ("legacy", "client")] {
