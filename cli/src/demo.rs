@@ -556,13 +556,25 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     tour.request(NS, "batch", "answered over mTLS", Observed::all_answered)?;
     tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
 
-    let name_flag = if config.name == DEFAULT_NAME {
+    let unexpected = tour.unexpected;
+    let text = look_around(&config.name, &tour.url);
+    tour.say(&text)?;
+    if unexpected > 0 {
+        bail!("{unexpected} step(s) did not behave as expected (lines marked UNEXPECTED)");
+    }
+    Ok(())
+}
+
+/// The closing hint: commands to look around the demo cluster and to remove it.
+fn look_around(name: &str, url: &str) -> String {
+    // The inspection commands default to cluster `weft` (or $WEFT_CLUSTER): name the demo's.
+    let name_flag = format!(" --name {name}");
+    let down_flag = if name == DEFAULT_NAME {
         String::new()
     } else {
-        format!(" --name {}", config.name)
+        name_flag.clone()
     };
-    let unexpected = tour.unexpected;
-    tour.say(&format!(
+    format!(
         "\nLook around (the cluster stays up):\n  \
          weft ztunnel-config workloads{name_flag}      # what each node's ztunnel knows\n  \
          weft ztunnel-config policies{name_flag}\n  \
@@ -570,18 +582,32 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
          weft proxy-status{name_flag}                   # the controller's xDS clients, ACKed and in sync\n  \
          weft cluster get pods -A{name_flag}\n  \
          weft cluster exec{name_flag} demo/frontend -- weft-echo client {url}\n\
-         Remove everything: weft demo down{name_flag}",
-        url = tour.url
-    ))?;
-    if unexpected > 0 {
-        bail!("{unexpected} step(s) did not behave as expected (lines marked UNEXPECTED)");
-    }
-    Ok(())
+         Remove everything: weft demo down{down_flag}"
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_around_names_the_demo_cluster() {
+        // Every inspection command names the cluster, the default one included (the CLI's own
+        // default cluster is `weft`); `weft demo down` needs it only for other names.
+        for (name, down) in [
+            (DEFAULT_NAME, "weft demo down\n"),
+            ("t", "weft demo down --name t\n"),
+        ] {
+            let text = look_around(name, "http://10.96.0.10/") + "\n";
+            for line in text.lines().filter(|l| l.trim_start().starts_with("weft ")) {
+                assert!(line.contains(&format!("--name {name}")), "{line}");
+            }
+            assert!(
+                text.ends_with(&format!("Remove everything: {down}")),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn prometheus_lines_parse() {

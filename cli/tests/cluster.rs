@@ -1782,6 +1782,36 @@ fn the_demo_reports_what_the_cluster_did() {
         }
     }
 
+    // The "look around" commands the demo prints work as printed.
+    let suggested: Vec<Vec<String>> = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            l.starts_with("weft ztunnel-config")
+                || l.starts_with("weft proxy-status")
+                || l.starts_with("weft cluster get")
+        })
+        .map(|l| {
+            l.split('#')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .skip(1)
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect();
+    assert!(suggested.len() >= 4, "{stdout}");
+    for args in &suggested {
+        let out = Command::new(WEFT).args(args).output().unwrap();
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "weft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // A second demo while this one is up says what to do.
     let again = Command::new(WEFT)
         .args(["demo", "--name", name])
