@@ -5,13 +5,7 @@ use weft_controller::config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    weft_core::logging::init();
     let config = Config::parse();
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

@@ -20,6 +20,7 @@ pub mod csr;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
+pub mod logging;
 pub mod policy;
 pub mod state;
 pub mod tls;

@@ -16,10 +16,9 @@ use hyper::{Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weft_core::{ca_client, cert_manager, drain, xds};
+use weft_core::{ca_client, cert_manager, drain, logging, xds};
 
 use crate::config::Config;
-use crate::logging;
 use crate::metrics::{self, Metrics};
 use crate::netns::InpodNetns;
 use crate::pod::{PodProxy, Shared};

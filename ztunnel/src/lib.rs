@@ -6,14 +6,13 @@
 //! destination), each pod's listeners ([`pod`]: 15001 outbound, 15006 plaintext inbound, 15008
 //! HBONE inbound), the inbound HBONE decision ([`inbound`]), the outbound path ([`outbound`]),
 //! live policy re-checks of established connections ([`conntrack`]), TCP telemetry
-//! ([`metrics`]), process logging ([`logging`]) and the wiring with admin, stats and readiness
+//! ([`metrics`]) and the wiring with admin, stats and readiness
 //! endpoints ([`app`]).
 
 pub mod app;
 pub mod config;
 pub mod conntrack;
 pub mod inbound;
-pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

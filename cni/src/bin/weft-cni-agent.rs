@@ -126,13 +126,7 @@ fn installer(args: &Args) -> anyhow::Result<Option<install::Config>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    weft_core::logging::init();
     let args = Args::parse();
     info!(config = ?args, "starting");
     let installer = installer(&args)?;

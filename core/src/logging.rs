@@ -1,9 +1,10 @@
-//! Process logging: a `tracing` subscriber on stderr whose filter the admin endpoint can change
-//! at run time (`/logging?level=…`, as Istio's ztunnel and Envoy offer).
+//! Process logging for Weft's long-running binaries (controller, node agent, ztunnel): a
+//! `tracing` subscriber on stderr whose filter can be changed at run time (ztunnel's admin
+//! `/logging?level=…`, as Istio's ztunnel and Envoy offer).
 //!
 //! The filter uses `RUST_LOG` syntax (`info`, `ztunnel=debug,info`, …); the default is
-//! `RUST_LOG` or `info`. Processes that never call [`init`] (tests embedding ztunnel) report
-//! that logging is not adjustable.
+//! `RUST_LOG` or `info`. Processes that never call [`init`] (tests embedding a component)
+//! report that logging is not adjustable.
 
 use std::sync::{Mutex, OnceLock};
 
