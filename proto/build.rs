@@ -17,6 +17,7 @@ const PROTOS: &[&str] = &[
     "proto/google/rpc/status.proto",
     "proto/envoy/config/core/v3/base.proto",
     "proto/envoy/service/discovery/v3/discovery.proto",
+    "proto/weft/l7/v1/l7.proto",
 ];
 
 fn main() {

@@ -73,13 +73,34 @@ pub mod google {
     }
 }
 
-/// xDS type URLs of the resources the node proxy subscribes to.
+/// Protobuf packages under `weft.*` (Weft's own resources).
+pub mod weft {
+    /// Protobuf packages under `weft.l7`.
+    pub mod l7 {
+        /// `weft.l7.v1`: waypoint configuration ([`ServiceConfig`](v1::ServiceConfig) routes
+        /// and [`Policy`](v1::Policy) L7 authorization), scoped per waypoint.
+        #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/weft.l7.v1.rs"));
+        }
+    }
+}
+
+/// xDS type URLs of the resources the node proxy and the waypoint subscribe to.
 pub mod type_url {
     /// Type URL of [`Address`](crate::istio::workload::Address) resources (workloads and
     /// services).
     pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
     /// Type URL of [`Authorization`](crate::istio::security::Authorization) resources.
     pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+    /// Type URL of the waypoint's per-service routes
+    /// ([`ServiceConfig`](crate::weft::l7::v1::ServiceConfig)).
+    pub const L7_SERVICE_TYPE_URL: &str = "type.googleapis.com/weft.l7.v1.ServiceConfig";
+    /// Type URL of the waypoint's L7 authorization policies
+    /// ([`Policy`](crate::weft::l7::v1::Policy)).
+    pub const L7_POLICY_TYPE_URL: &str = "type.googleapis.com/weft.l7.v1.Policy";
 }
 
-pub use type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+pub use type_url::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL,
+};
