@@ -18,6 +18,7 @@ const PROTOS: &[&str] = &[
     "proto/envoy/config/core/v3/base.proto",
     "proto/envoy/service/discovery/v3/discovery.proto",
     "proto/weft/l7/v1/l7.proto",
+    "proto/weft/echo/v1/echo.proto",
 ];
 
 fn main() {

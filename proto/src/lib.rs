@@ -73,8 +73,17 @@ pub mod google {
     }
 }
 
-/// Protobuf packages under `weft.*` (Weft's own resources).
+/// Protobuf packages under `weft.*` (Weft's own resources and test app).
 pub mod weft {
+    /// Protobuf packages under `weft.echo`.
+    pub mod echo {
+        /// `weft.echo.v1`: the test app's gRPC `Echo` service.
+        #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/weft.echo.v1.rs"));
+        }
+    }
+
     /// Protobuf packages under `weft.l7`.
     pub mod l7 {
         /// `weft.l7.v1`: waypoint configuration ([`ServiceConfig`](v1::ServiceConfig) routes
