@@ -1,6 +1,32 @@
-//! The `waypoint` binary.
+//! `waypoint`: Weft's waypoint (L7 proxy).
 
-fn main() {
-    eprintln!("waypoint: not yet wired");
-    std::process::exit(1);
+use clap::Parser;
+use waypoint::config::Config;
+
+fn main() -> anyhow::Result<()> {
+    weft_core::logging::init();
+    let config = Config::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("waypoint")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        waypoint::app::run(config, shutdown).await
+    })?;
+    Ok(())
 }

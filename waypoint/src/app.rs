@@ -1,0 +1,487 @@
+//! Wiring: identity (CA client + certificate manager), delta xDS → state, the HBONE server, the
+//! upstream pool, admin / stats / readiness endpoints, and the drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{Instrument, info, info_span, warn};
+use weft_core::hbone::{Pool, PoolConfig, Server, Settings, TcpConnector};
+use weft_core::{SpiffeId, ca_client, cert_manager, drain, logging, xds};
+
+use crate::config::Config;
+use crate::inbound::Inbound;
+use crate::metrics::{self, Metrics};
+use crate::proxy::Proxy;
+use crate::state::{Binding, WaypointState};
+use crate::upstream::Forwarder;
+
+/// Errors starting the waypoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The waypoint's identity is not a valid SPIFFE ID.
+    #[error("waypoint identity")]
+    Identity(#[source] weft_core::identity::Error),
+    /// The xDS client configuration is invalid.
+    #[error("xds client")]
+    Xds(#[from] xds::ConfigError),
+    /// The CA client configuration is invalid.
+    #[error("ca client")]
+    Ca(#[from] ca_client::Error),
+    /// A listener could not be bound.
+    #[error("binding {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HBONE server failed.
+    #[error("hbone server")]
+    Serve(#[source] std::io::Error),
+}
+
+/// An HTTP endpoint: `(method, path, query)` → status, content type, body.
+pub type Endpoint =
+    Arc<dyn Fn(&hyper::Method, &str, &str) -> (StatusCode, &'static str, String) + Send + Sync>;
+
+/// The value of `key` in a URL query.
+fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Serves `endpoint` on `listener` (HTTP/1.1) until the drain starts.
+pub async fn serve_http(listener: TcpListener, endpoint: Endpoint, mut drain: drain::Watch) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(_) => continue,
+            },
+            () = drain.signaled() => return,
+        };
+        let endpoint = endpoint.clone();
+        tokio::spawn(
+            async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let (status, content_type, body) = endpoint(
+                            request.method(),
+                            request.uri().path(),
+                            request.uri().query().unwrap_or(""),
+                        );
+                        let response = Response::builder()
+                            .status(status)
+                            .header("content-type", content_type)
+                            .body(Full::new(Bytes::from(body)))
+                            .unwrap_or_default();
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            }
+            .instrument(info_span!("admin_connection")),
+        );
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// What readiness still waits for, one line each (empty = ready).
+pub fn pending_lines(certificate: bool, xds: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !certificate {
+        lines.push("certificate: the waypoint's certificate not yet issued".to_owned());
+    }
+    if !xds {
+        lines.push("xds: first Address and L7 responses not yet applied".to_owned());
+    }
+    lines
+}
+
+/// The `/config_dump` document.
+pub fn config_dump(
+    identity: &SpiffeId,
+    certificates: &cert_manager::Manager,
+    state: &WaypointState,
+    binding: &Binding,
+    forwarder: &Forwarder,
+) -> serde_json::Value {
+    let cert = certificates.state(identity).unwrap_or_default();
+    let expires = cert.certificate.as_ref().and_then(|c| {
+        c.not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs())
+    });
+    let inner = state.read();
+    let bound_services: Vec<serde_json::Value> = inner
+        .workloads
+        .services()
+        .filter(|s| {
+            s.waypoint
+                .as_ref()
+                .is_some_and(|gw| binding.names(gw, &inner.workloads))
+        })
+        .map(|s| {
+            let config = inner
+                .service_names
+                .get(&s.hostname)
+                .and_then(|n| inner.services.get(n));
+            let ports: Vec<serde_json::Value> = s
+                .ports
+                .iter()
+                .map(|p| {
+                    let port_config = config.and_then(|c| {
+                        c.config
+                            .ports
+                            .iter()
+                            .find(|pc| pc.port == u32::from(p.service_port))
+                    });
+                    serde_json::json!({
+                        "port": p.service_port,
+                        "target_port": p.target_port,
+                        "protocol": port_config.map_or("detect".to_owned(), |pc| format!("{:?}", pc.protocol()).to_lowercase()),
+                        "routes": port_config.map(|pc| pc.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+                    })
+                })
+                .collect();
+            let health = forwarder.balancer().report(s.key());
+            let endpoints: Vec<serde_json::Value> = inner
+                .workloads
+                .endpoints(s.key())
+                .map(|w| {
+                    let h = health.iter().find(|(uid, _)| **uid == *w.uid).map(|(_, h)| h);
+                    serde_json::json!({
+                        "uid": w.uid,
+                        "name": w.name,
+                        "addresses": w.ips,
+                        "identity": w.identity().to_string(),
+                        "healthy": w.healthy,
+                        "outstanding": h.map_or(0, |h| h.outstanding),
+                        "consecutive_failures": h.map_or(0, |h| h.consecutive_failures),
+                        "ejections": h.map_or(0, |h| h.ejections),
+                        "ejected_for_ms": h.and_then(|h| h.ejected_for).map(|d| d.as_millis() as u64),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "hostname": s.hostname,
+                "namespace": s.namespace,
+                "name": s.name,
+                "vips": s.vips.iter().map(|v| v.address.to_string()).collect::<Vec<_>>(),
+                "config": config.map(|_| inner.service_names.get(&s.hostname)),
+                "load_balancer": config.map(|c| format!("{:?}", c.config.load_balancer()).to_lowercase()),
+                "outlier_detection": config.and_then(|c| c.config.outlier_detection.as_ref()).map(|od| serde_json::json!({
+                    "consecutive_failures": od.consecutive_failures,
+                    "base_ejection_ms": od.base_ejection_ms,
+                    "max_ejection_percent": od.max_ejection_percent,
+                })),
+                "ports": ports,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let bound_workloads: Vec<serde_json::Value> = inner
+        .workloads
+        .workloads()
+        .filter(|w| {
+            w.waypoint
+                .as_ref()
+                .is_some_and(|gw| binding.names(gw, &inner.workloads))
+        })
+        .map(|w| {
+            serde_json::json!({
+                "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                "addresses": w.ips, "identity": w.identity().to_string(),
+            })
+        })
+        .collect();
+    let policies: Vec<serde_json::Value> = inner
+        .policy_configs
+        .iter()
+        .map(|(name, p)| {
+            serde_json::json!({
+                "name": name,
+                "action": format!("{:?}", p.action()).to_lowercase(),
+                "services": p.services,
+                "rules": p.rules.len(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "identity": identity.to_string(),
+        "waypoint": binding.hostname,
+        "certificate": {
+            "state": if cert.certificate.is_some() { "available" } else { "pending" },
+            "expires_unix": expires,
+            "last_error": cert.last_error.as_deref(),
+        },
+        "services": bound_services,
+        "workloads": bound_workloads,
+        "policies": policies,
+    })
+}
+
+/// Runs the waypoint until `shutdown` resolves (or POST `/quitquitquit`), then drains.
+///
+/// # Errors
+/// [`Error`] when a component cannot start.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    info!(config = ?config, "starting");
+    let root_pem = std::fs::read_to_string(&config.root_cert).map_err(|source| Error::Read {
+        path: config.root_cert.display().to_string(),
+        source,
+    })?;
+    let identity = SpiffeId::new(
+        &config.trust_domain,
+        &config.pod_namespace,
+        &config.service_account,
+    )
+    .map_err(Error::Identity)?;
+    let (trigger, watch) = drain::channel();
+
+    let state = WaypointState::new();
+    let mut xds_config = xds::Config::new(config.xds_address.clone());
+    xds_config.tls = Some(xds::Tls {
+        root_pem: root_pem.clone(),
+        server_name: Some(config.server_name.clone()),
+    });
+    xds_config.token = Some(Arc::new(xds::FileToken {
+        path: config.token.clone(),
+    }));
+    xds_config.cluster_id = config.cluster_id.clone();
+    xds_config.node = xds::NodeInfo {
+        id: config.node_id(),
+        metadata: [
+            ("NAME".to_owned(), config.pod_name.clone()),
+            ("NAMESPACE".to_owned(), config.pod_namespace.clone()),
+            ("INSTANCE_IPS".to_owned(), config.instance_ip.to_string()),
+            ("SERVICE_ACCOUNT".to_owned(), config.service_account.clone()),
+            (
+                "WAYPOINT_NAME".to_owned(),
+                config.waypoint_name().to_owned(),
+            ),
+        ]
+        .into(),
+    };
+    let client = xds::Client::new(xds_config, state.handlers())?;
+    let xds_handle = client.handle();
+    client.spawn(watch.clone());
+
+    let ca = ca_client::Client::new(ca_client::Config {
+        address: config
+            .ca_address
+            .clone()
+            .unwrap_or_else(|| config.xds_address.clone()),
+        root_pem,
+        server_name: config.server_name.clone(),
+        token: ca_client::token_file(config.token.clone()),
+        cluster_id: config.cluster_id.clone(),
+        ttl: config.secret_ttl,
+        impersonate: false,
+    })?;
+    let certificates = cert_manager::Manager::new(Arc::new(ca), cert_manager::Config::default());
+    certificates.prefetch(&identity);
+
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+
+    let binding = Binding {
+        namespace: config.pod_namespace.clone(),
+        hostname: config.waypoint_hostname(),
+        own_ips: vec![config.instance_ip],
+    };
+    let pool = Pool::new(
+        PoolConfig::default(),
+        Arc::new(TcpConnector),
+        Arc::new(certificates.clone()),
+    );
+    let forwarder = Arc::new(Forwarder::new(state.clone(), pool, identity.clone()));
+    let proxy = Arc::new(Proxy::new(state.clone(), forwarder.clone(), metrics));
+
+    let readiness: Endpoint = {
+        let xds = xds_handle.clone();
+        let certificates = certificates.clone();
+        let identity = identity.clone();
+        Arc::new(move |_, path, _| match path {
+            "/healthz/ready" => {
+                let pending =
+                    pending_lines(certificates.current(&identity).is_some(), xds.is_ready());
+                if pending.is_empty() {
+                    (StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready; pending:\n{}\n", pending.join("\n")),
+                    )
+                }
+            }
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    let stats: Endpoint = {
+        let registry = registry.clone();
+        Arc::new(move |_, path, _| match path {
+            "/metrics" | "/stats/prometheus" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::encode(&registry),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    let quit = Arc::new(tokio::sync::Notify::new());
+    let admin: Endpoint = {
+        let state = state.clone();
+        let certificates = certificates.clone();
+        let identity = identity.clone();
+        let binding = binding.clone();
+        let forwarder = forwarder.clone();
+        let quit = quit.clone();
+        Arc::new(move |method, path, query| match path {
+            "/quitquitquit" if method == hyper::Method::POST => {
+                info!("shutdown requested through /quitquitquit");
+                quit.notify_one();
+                (StatusCode::OK, "text/plain", "draining\n".into())
+            }
+            "/quitquitquit" => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST /quitquitquit to drain and exit\n".into(),
+            ),
+            "/logging" => logging_endpoint(method, query),
+            "/config_dump" => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&config_dump(
+                    &identity,
+                    &certificates,
+                    &state,
+                    &binding,
+                    &forwarder,
+                ))
+                .unwrap_or_default(),
+            ),
+            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    };
+    tokio::spawn(
+        serve_http(bind(config.readiness).await?, readiness, watch.clone())
+            .instrument(info_span!("readiness")),
+    );
+    tokio::spawn(
+        serve_http(bind(config.stats).await?, stats, watch.clone()).instrument(info_span!("stats")),
+    );
+    tokio::spawn(
+        serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
+    );
+
+    let listener = bind(config.hbone).await?;
+    info!(addr = %config.hbone, identity = %identity, waypoint = %binding.hostname, "serving hbone");
+    let inbound = Inbound::new(proxy, binding, watch.clone());
+    let server = Arc::new(Server::new(
+        Settings::default(),
+        (certificates.clone(), identity.clone()),
+        Arc::new(inbound),
+    ));
+    let serve = server.serve(listener, watch.clone());
+    drop(watch);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        result = serve.instrument(info_span!("hbone")) => result.map_err(Error::Serve),
+        () = &mut shutdown => Ok(()),
+        () = quit.notified() => Ok(()),
+    };
+    info!("draining");
+    if trigger.drain(config.drain_duration).await == drain::Outcome::Forced {
+        warn!("drain deadline passed; closing the rest");
+    }
+    result
+}
+
+/// GET `/logging` shows the level; POST `/logging?level=<directives>` changes it.
+fn logging_endpoint(method: &hyper::Method, query: &str) -> (StatusCode, &'static str, String) {
+    let Some(current) = logging::current() else {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            "text/plain",
+            "logging is not adjustable in this process\n".into(),
+        );
+    };
+    match (method, query_value(query, "level")) {
+        (&hyper::Method::POST, Some(level)) => match logging::set(level) {
+            Ok(()) => {
+                info!(level, "log level changed through /logging");
+                (StatusCode::OK, "text/plain", format!("level: {level}\n"))
+            }
+            Err(message) => (StatusCode::BAD_REQUEST, "text/plain", format!("{message}\n")),
+        },
+        (&hyper::Method::POST, None) => (
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "POST /logging?level=<RUST_LOG directives>, e.g. level=debug or level=waypoint=debug,info\n".into(),
+        ),
+        _ => (StatusCode::OK, "text/plain", format!("level: {current}\n")),
+    }
+}
+
+/// Waits up to `deadline` for `f` to hold, polling every 10 ms (tests and readiness probes).
+pub async fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_lists_what_is_pending() {
+        assert!(pending_lines(true, true).is_empty());
+        assert_eq!(
+            pending_lines(false, false),
+            vec![
+                "certificate: the waypoint's certificate not yet issued",
+                "xds: first Address and L7 responses not yet applied"
+            ]
+        );
+        assert_eq!(query_value("level=debug", "level"), Some("debug"));
+    }
+}

@@ -1,0 +1,166 @@
+//! The waypoint's one `Config`, from flags or the environment variables the controller's
+//! Deployment sets (names as Istio's proxy and Weft's ztunnel read them).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms or 5s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    }
+}
+
+/// Everything the waypoint is configured with.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "waypoint", version, about = "Weft's waypoint (L7 proxy)")]
+pub struct Config {
+    /// Delta ADS address of the controller (`https://host:15012`).
+    #[arg(long, env = "XDS_ADDRESS", default_value = "https://localhost:15012")]
+    pub xds_address: String,
+    /// CA address (default: the xDS address).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM roots verifying the controller.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub root_cert: PathBuf,
+    /// Name verified in the controller's serving certificate.
+    #[arg(
+        long,
+        env = "ALT_XDS_HOSTNAME",
+        default_value = "weft-controller.istio-system.svc"
+    )]
+    pub server_name: String,
+    /// Bearer token file, re-read for every request.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub token: PathBuf,
+    /// `clusterid` sent to the controller and the CA.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// This pod's name.
+    #[arg(long, env = "POD_NAME", default_value = "waypoint")]
+    pub pod_name: String,
+    /// This pod's namespace (the waypoint's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub pod_namespace: String,
+    /// This pod's IP (xDS node id; a GatewayAddress naming it binds to this waypoint).
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: IpAddr,
+    /// The service account the waypoint runs as (its identity).
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    pub service_account: String,
+    /// The waypoint (Gateway) name; default: the service account.
+    #[arg(long, env = "WAYPOINT_NAME")]
+    pub waypoint_name: Option<String>,
+    /// Trust domain of the waypoint's SPIFFE identity.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Cluster domain suffix of service hostnames.
+    #[arg(long, env = "DOMAIN_SUFFIX", default_value = "cluster.local")]
+    pub domain_suffix: String,
+    /// HBONE listener.
+    #[arg(long, env = "WEFT_WAYPOINT_HBONE", default_value = "0.0.0.0:15008")]
+    pub hbone: SocketAddr,
+    /// Admin endpoint (`/config_dump`, `/logging`, `/quitquitquit`); localhost only.
+    #[arg(long, env = "WEFT_WAYPOINT_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Metrics endpoint (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "WEFT_WAYPOINT_STATS", default_value = "0.0.0.0:15020")]
+    pub stats: SocketAddr,
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "WEFT_WAYPOINT_READINESS", default_value = "0.0.0.0:15021")]
+    pub readiness: SocketAddr,
+    /// Requested certificate validity.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub secret_ttl: Duration,
+    /// How long in-flight requests may run after SIGTERM before connections are closed.
+    #[arg(long, env = "TERMINATION_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub drain_duration: Duration,
+}
+
+impl Config {
+    /// The waypoint's name (`--waypoint-name`, else the service account).
+    pub fn waypoint_name(&self) -> &str {
+        self.waypoint_name
+            .as_deref()
+            .unwrap_or(&self.service_account)
+    }
+
+    /// The waypoint service's hostname: `<name>.<namespace>.svc.<domain suffix>`.
+    pub fn waypoint_hostname(&self) -> String {
+        format!(
+            "{}.{}.svc.{}",
+            self.waypoint_name(),
+            self.pod_namespace,
+            self.domain_suffix
+        )
+    }
+
+    /// The xDS node id (`waypoint~<ip>~<pod>.<ns>~<ns>.svc.<suffix>`).
+    pub fn node_id(&self) -> String {
+        format!(
+            "waypoint~{}~{}.{}~{}.svc.{}",
+            self.instance_ip,
+            self.pod_name,
+            self.pod_namespace,
+            self.pod_namespace,
+            self.domain_suffix
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn defaults_and_names() {
+        let config = Config::try_parse_from([
+            "waypoint",
+            "--pod-namespace",
+            "app",
+            "--service-account",
+            "wp",
+            "--instance-ip",
+            "10.0.0.9",
+        ])
+        .unwrap();
+        assert_eq!(config.waypoint_name(), "wp");
+        assert_eq!(config.waypoint_hostname(), "wp.app.svc.cluster.local");
+        assert_eq!(config.hbone, "0.0.0.0:15008".parse().unwrap());
+        assert_eq!(config.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(
+            config.token,
+            PathBuf::from("/var/run/secrets/tokens/istio-token")
+        );
+        assert_eq!(
+            config.node_id(),
+            "waypoint~10.0.0.9~waypoint.app~app.svc.cluster.local"
+        );
+        let named = Config::try_parse_from(["waypoint", "--waypoint-name", "gw"]).unwrap();
+        assert_eq!(named.waypoint_name(), "gw");
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5x").is_err());
+    }
+}

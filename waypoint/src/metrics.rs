@@ -1,0 +1,304 @@
+//! Request and TCP telemetry in Istio's standard format with `reporter="waypoint"` (istio-ambient
+//! reference §6.2): `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes` (histograms) for HTTP, and
+//! `istio_tcp_connections_opened_total` / `_closed_total` / `istio_tcp_sent_bytes_total` /
+//! `istio_tcp_received_bytes_total` for opaque TCP. Missing values are `unknown`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use weft_core::state::Workload;
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(value: &str) -> String {
+    if value.is_empty() {
+        UNKNOWN.to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+/// The facts labels are built from.
+#[derive(Debug, Clone, Default)]
+pub struct Facts<'a> {
+    /// Source workload, when known (by client IP).
+    pub source: Option<&'a Workload>,
+    /// Source principal (`spiffe://…`) from the peer certificate.
+    pub source_principal: Option<String>,
+    /// Destination workload (the chosen endpoint), when known.
+    pub destination: Option<&'a Workload>,
+    /// Destination service: (hostname, namespace, name).
+    pub destination_service: Option<(String, String, String)>,
+}
+
+/// The standard Istio labels shared by HTTP and TCP metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[allow(missing_docs)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+impl TcpLabels {
+    /// Labels for `facts`, protocol `protocol` (`tcp`, `http`, `grpc`), flags `flags`.
+    pub fn new(facts: &Facts<'_>, protocol: &str, flags: &str) -> Self {
+        let s = facts.source;
+        let d = facts.destination;
+        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            or_unknown(w.map(f).unwrap_or_default())
+        };
+        let (svc_host, svc_ns, svc_name) = facts.destination_service.clone().unwrap_or_default();
+        TcpLabels {
+            reporter: "waypoint".to_owned(),
+            source_workload: field(s, |w| &w.workload_name),
+            source_canonical_service: field(s, |w| &w.canonical_name),
+            source_canonical_revision: field(s, |w| &w.canonical_revision),
+            source_workload_namespace: field(s, |w| &w.namespace),
+            source_principal: or_unknown(facts.source_principal.as_deref().unwrap_or_default()),
+            source_app: field(s, |w| &w.canonical_name),
+            source_version: field(s, |w| &w.canonical_revision),
+            source_cluster: field(s, |w| &w.cluster_id),
+            destination_service: or_unknown(&svc_host),
+            destination_service_namespace: or_unknown(&svc_ns),
+            destination_service_name: or_unknown(&svc_name),
+            destination_workload: field(d, |w| &w.workload_name),
+            destination_canonical_service: field(d, |w| &w.canonical_name),
+            destination_canonical_revision: field(d, |w| &w.canonical_revision),
+            destination_workload_namespace: field(d, |w| &w.namespace),
+            destination_principal: or_unknown(
+                &d.map(|w| w.identity().to_string()).unwrap_or_default(),
+            ),
+            destination_app: field(d, |w| &w.canonical_name),
+            destination_version: field(d, |w| &w.canonical_revision),
+            destination_cluster: field(d, |w| &w.cluster_id),
+            request_protocol: protocol.to_owned(),
+            response_flags: if flags.is_empty() { "-" } else { flags }.to_owned(),
+            connection_security_policy: "mutual_tls".to_owned(),
+        }
+    }
+}
+
+/// HTTP labels: the standard set plus `response_code` and `grpc_response_status`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    #[prometheus(flatten)]
+    base: TcpLabels,
+    /// The status sent downstream.
+    pub response_code: String,
+    /// The gRPC status (`grpc-status`), `unknown` for non-gRPC.
+    pub grpc_response_status: String,
+}
+
+impl HttpLabels {
+    /// Labels for one request.
+    pub fn new(
+        facts: &Facts<'_>,
+        protocol: &str,
+        flags: &str,
+        status: u16,
+        grpc_status: Option<&str>,
+    ) -> Self {
+        HttpLabels {
+            base: TcpLabels::new(facts, protocol, flags),
+            response_code: status.to_string(),
+            grpc_response_status: or_unknown(grpc_status.unwrap_or_default()),
+        }
+    }
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 10.0, 9))
+}
+
+type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
+/// The waypoint's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `istio_requests_total`.
+    pub requests: Family<HttpLabels, Counter>,
+    /// `istio_request_duration_milliseconds`.
+    pub duration: HistogramFamily,
+    /// `istio_request_bytes`.
+    pub request_bytes: HistogramFamily,
+    /// `istio_response_bytes`.
+    pub response_bytes: HistogramFamily,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (client → server).
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (server → client).
+    pub tcp_sent: Family<TcpLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_received: Family::default(),
+            tcp_sent: Family::default(),
+        }
+    }
+}
+
+/// One finished request, as recorded.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// Labels.
+    pub labels: HttpLabels,
+    /// Duration in milliseconds.
+    pub duration_ms: f64,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+}
+
+impl Metrics {
+    /// Registers everything under the `istio` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let istio = registry.sub_registry_with_prefix("istio");
+        istio.register("requests", "Requests handled", self.requests.clone());
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration",
+            self.duration.clone(),
+        );
+        istio.register(
+            "request_bytes",
+            "Request body sizes",
+            self.request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Response body sizes",
+            self.response_bytes.clone(),
+        );
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            self.tcp_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            self.tcp_closed.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received from clients",
+            self.tcp_received.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent to clients",
+            self.tcp_sent.clone(),
+        );
+    }
+
+    /// Records one finished request.
+    pub fn record(&self, record: &RequestRecord) {
+        self.requests.get_or_create(&record.labels).inc();
+        self.duration
+            .get_or_create(&record.labels)
+            .observe(record.duration_ms);
+        self.request_bytes
+            .get_or_create(&record.labels)
+            .observe(record.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&record.labels)
+            .observe(record.response_bytes as f64);
+    }
+}
+
+/// Prometheus text encoding of `registry`.
+pub fn encode(registry: &Registry) -> String {
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_default_to_unknown_and_name_the_waypoint() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let facts = Facts {
+            source_principal: Some("spiffe://cluster.local/ns/a/sa/c".into()),
+            destination_service: Some((
+                "echo.b.svc.cluster.local".into(),
+                "b".into(),
+                "echo".into(),
+            )),
+            ..Default::default()
+        };
+        metrics.record(&RequestRecord {
+            labels: HttpLabels::new(&facts, "http", "", 200, None),
+            duration_ms: 3.0,
+            request_bytes: 0,
+            response_bytes: 5,
+        });
+        let text = encode(&registry);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .unwrap();
+        for want in [
+            "reporter=\"waypoint\"",
+            "source_principal=\"spiffe://cluster.local/ns/a/sa/c\"",
+            "source_workload=\"unknown\"",
+            "destination_service=\"echo.b.svc.cluster.local\"",
+            "response_code=\"200\"",
+            "response_flags=\"-\"",
+            "request_protocol=\"http\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(line.contains(want), "{want} in {line}");
+        }
+        assert!(line.ends_with(" 1"), "{line}");
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+        assert!(text.contains("istio_response_bytes_sum{"));
+    }
+}

@@ -1,0 +1,514 @@
+//! One HTTP request through the waypoint: `x-request-id` and `traceparent`, L7 authorization
+//! ([`PolicySet::check`](crate::engine::PolicySet::check)), routing
+//! ([`ServiceRoutes::route`](crate::engine::ServiceRoutes::route)), request filters, mirrors,
+//! forwarding ([`crate::upstream`]), response filters, then telemetry and one access-log event
+//! (target `access`) when the response body ends.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span, info};
+use weft_core::SpiffeId;
+use weft_core::state::Workload;
+
+use crate::body::{self, BoxBody, BoxError, REPLAY_LIMIT_BYTES, RequestBody};
+use crate::engine::{BackendTarget, LoadBalancer, RequestFacts, Routing};
+use crate::error::Error;
+use crate::metrics::{Facts, HttpLabels, Metrics, RequestRecord};
+use crate::state::{Target, WaypointState};
+use crate::trace;
+use crate::upstream::{Destination, Forwarder, Plan, strip_hop_by_hop};
+
+/// What a downstream HBONE stream carries requests for.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// The bound target (`VIP:port` or `podIP:port`).
+    pub target: Target,
+    /// The peer's identity (the source workload's).
+    pub peer: SpiffeId,
+    /// The original client address (`forwarded`, else the HBONE peer).
+    pub client: SocketAddr,
+    /// HTTP/2 downstream.
+    pub http2: bool,
+}
+
+/// The request pipeline. Cheap to share.
+#[derive(Debug)]
+pub struct Proxy {
+    state: Arc<WaypointState>,
+    forwarder: Arc<Forwarder>,
+    metrics: Arc<Metrics>,
+}
+
+/// What telemetry needs when a request ends.
+struct Finish {
+    metrics: Arc<Metrics>,
+    start: Instant,
+    source: Option<Arc<Workload>>,
+    principal: String,
+    destination: Option<Arc<Workload>>,
+    service: Option<(String, String, String)>,
+    protocol: &'static str,
+    flags: &'static str,
+    status: u16,
+    grpc_status: Option<String>,
+    request_bytes: Arc<AtomicU64>,
+    method: String,
+    path: String,
+    authority: String,
+    upstream: Option<SocketAddr>,
+    route: String,
+    request_id: String,
+    traceparent: String,
+    client: SocketAddr,
+}
+
+impl Finish {
+    fn done(self, response_bytes: u64, grpc_status: Option<String>) {
+        let grpc_status = grpc_status.or(self.grpc_status);
+        let facts = Facts {
+            source: self.source.as_deref(),
+            source_principal: Some(self.principal.clone()),
+            destination: self.destination.as_deref(),
+            destination_service: self.service.clone(),
+        };
+        let duration = self.start.elapsed();
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.metrics.record(&RequestRecord {
+            labels: HttpLabels::new(
+                &facts,
+                self.protocol,
+                self.flags,
+                self.status,
+                grpc_status.as_deref(),
+            ),
+            duration_ms: duration.as_secs_f64() * 1000.0,
+            request_bytes,
+            response_bytes,
+        });
+        info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            status = self.status,
+            flags = self.flags,
+            duration_ms = duration.as_millis() as u64,
+            bytes_received = request_bytes,
+            bytes_sent = response_bytes,
+            src.addr = %self.client,
+            src.principal = %self.principal,
+            upstream = %self.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+            route = %self.route,
+            request_id = %self.request_id,
+            traceparent = %self.traceparent,
+            protocol = self.protocol,
+            "request complete"
+        );
+    }
+}
+
+/// The response body: counts bytes, notes `grpc-status` trailers, and records telemetry when
+/// it ends or is dropped.
+struct Recorded {
+    inner: BoxBody,
+    bytes: u64,
+    grpc_status: Option<String>,
+    finish: Option<Finish>,
+}
+
+impl Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                } else if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(status.to_owned());
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Recorded {
+    fn finish(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.done(self.bytes, self.grpc_status.take());
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The local reply for `error`.
+fn local_reply(error: &Error) -> Response<BoxBody> {
+    let text = error.body();
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = error.status();
+    if !text.is_empty() {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+    }
+    response
+}
+
+impl Proxy {
+    /// A pipeline over `state`, forwarding with `forwarder`, recording into `metrics`.
+    pub fn new(
+        state: Arc<WaypointState>,
+        forwarder: Arc<Forwarder>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Proxy {
+            state,
+            forwarder,
+            metrics,
+        }
+    }
+
+    /// The forwarder (opaque TCP uses it directly).
+    pub fn forwarder(&self) -> &Arc<Forwarder> {
+        &self.forwarder
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The state.
+    pub fn state(&self) -> &Arc<WaypointState> {
+        &self.state
+    }
+
+    /// Handles one request; never fails (errors become local replies).
+    pub async fn handle(
+        self: Arc<Self>,
+        downstream: Arc<Downstream>,
+        request: Request<Incoming>,
+    ) -> Result<Response<BoxBody>, std::convert::Infallible> {
+        let start = Instant::now();
+        let (mut parts, incoming) = request.into_parts();
+        let (request_id, traceparent) = trace::stamp(&mut parts.headers);
+        let protocol = if is_grpc(&parts.headers) {
+            "grpc"
+        } else {
+            "http"
+        };
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let source = self
+            .state
+            .read()
+            .workloads
+            .workload_by_ip("", downstream.client.ip())
+            .cloned();
+        let service = match &downstream.target {
+            Target::Service { service, .. } => Some((
+                service.hostname.clone(),
+                service.namespace.clone(),
+                service.name.clone(),
+            )),
+            Target::Workload { .. } => None,
+        };
+        let mut finish = Finish {
+            metrics: self.metrics.clone(),
+            start,
+            source,
+            principal: downstream.peer.to_string(),
+            destination: None,
+            service,
+            protocol,
+            flags: "-",
+            status: 0,
+            grpc_status: None,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            authority: authority.clone(),
+            upstream: None,
+            route: "-".into(),
+            request_id,
+            traceparent,
+            client: downstream.client,
+        };
+        let span = debug_span!("request", request.id = %finish.request_id);
+        let result = self
+            .decide_and_forward(&downstream, parts, incoming, &authority, &mut finish)
+            .instrument(span)
+            .await;
+        let (mut response, body) = match result {
+            Ok(response) => response.into_parts(),
+            Err(error) => {
+                debug!(error = %error, "local reply");
+                finish.flags = error.response_flags();
+                local_reply(&error).into_parts()
+            }
+        };
+        strip_hop_by_hop(&mut response.headers);
+        finish.status = response.status.as_u16();
+        finish.grpc_status = response
+            .headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Recorded {
+            inner: body,
+            bytes: 0,
+            grpc_status: None,
+            finish: Some(finish),
+        };
+        Ok(Response::from_parts(response, body.boxed_unsync()))
+    }
+
+    async fn decide_and_forward(
+        &self,
+        downstream: &Downstream,
+        mut parts: http::request::Parts,
+        incoming: Incoming,
+        authority: &str,
+        finish: &mut Finish,
+    ) -> Result<Response<BoxBody>, Error> {
+        let port = downstream.target.port();
+        // Authorization. With no policy at all everything is allowed (Istio: no ALLOW policy
+        // applies), without asking the engine.
+        let routes = {
+            let inner = self.state.read();
+            if !inner.policy_configs.is_empty() {
+                let principal = downstream.peer.principal();
+                let facts = RequestFacts {
+                    service: downstream.target.service_hostname(),
+                    source_principal: Some(&principal),
+                    source_namespace: Some(downstream.peer.namespace()),
+                    source_ip: downstream.client.ip(),
+                    host: authority,
+                    method: parts.method.as_str(),
+                    path: parts.uri.path(),
+                    port,
+                    headers: &parts.headers,
+                };
+                inner
+                    .policies
+                    .check(&facts)
+                    .map_err(|denied| Error::Denied(denied.to_string()))?;
+            }
+            downstream
+                .target
+                .service_hostname()
+                .and_then(|h| inner.routes(h).cloned())
+        };
+
+        // Routing.
+        let (destination, forward) = match (&downstream.target, &routes) {
+            (Target::Workload { workload, port }, _) => (
+                Destination::Workload {
+                    workload: workload.clone(),
+                    port: *port,
+                },
+                None,
+            ),
+            (Target::Service { service, port }, None) => (
+                Destination::Service(BackendTarget {
+                    hostname: Arc::from(service.hostname.as_str()),
+                    port: *port,
+                }),
+                None,
+            ),
+            (Target::Service { port, .. }, Some(routes)) => {
+                let routing = routes.route(*port, &parts, &mut rand::rng());
+                match routing {
+                    Routing::NotFound => return Err(Error::NoRoute),
+                    Routing::Respond(response) => {
+                        finish.route = "redirect".into();
+                        let (p, ()) = response.into_parts();
+                        return Ok(Response::from_parts(p, body::empty()));
+                    }
+                    Routing::Forward(forward) => {
+                        forward.apply_request(&mut parts);
+                        (Destination::Service(forward.backend.clone()), Some(forward))
+                    }
+                }
+            }
+        };
+        if let Some(forward) = &forward {
+            finish.route = forward.route.to_owned();
+        } else {
+            finish.route = "default".into();
+        }
+        let (load_balancer, outlier_detection) = match &destination {
+            Destination::Service(target) => {
+                let inner = self.state.read();
+                match inner.routes(&target.hostname) {
+                    Some(r) => (r.load_balancer(), r.outlier_detection()),
+                    None => (LoadBalancer::LeastRequest, None),
+                }
+            }
+            Destination::Workload { .. } => (LoadBalancer::LeastRequest, None),
+        };
+        if let Destination::Service(target) = &destination {
+            finish.service = self
+                .state
+                .read()
+                .workloads
+                .services()
+                .find(|s| s.hostname == *target.hostname)
+                .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
+        }
+        let plan = Plan {
+            destination,
+            request_timeout: forward.as_ref().and_then(|f| f.request_timeout),
+            attempt_timeout: forward.as_ref().and_then(|f| f.backend_request_timeout),
+            retry: forward.as_ref().and_then(|f| f.retry.cloned()),
+            load_balancer,
+            outlier_detection,
+            http2: downstream.http2,
+        };
+        let body = RequestBody::read(incoming, REPLAY_LIMIT_BYTES, finish.request_bytes.clone())
+            .await
+            .map_err(|e| Error::UpstreamReset(format!("reading the request body: {e}")))?;
+
+        // Mirrors: fire and forget, only with a buffered body.
+        if let (Some(forward), Some((data, trailers))) = (&forward, body.buffered()) {
+            for mirror in &forward.mirrors {
+                self.mirror(
+                    &plan,
+                    mirror.clone(),
+                    &parts,
+                    data.clone(),
+                    trailers.cloned(),
+                    downstream.client,
+                );
+            }
+        }
+
+        match self
+            .forwarder
+            .forward(&plan, &parts, body, downstream.client)
+            .await
+        {
+            Ok(answer) => {
+                finish.upstream = Some(answer.endpoint.addr);
+                finish.destination = Some(answer.endpoint.workload.clone());
+                let (mut response, incoming) = answer.response.into_parts();
+                if let Some(forward) = &forward {
+                    forward.apply_response(&mut response);
+                }
+                let in_flight = answer.in_flight;
+                let body = incoming
+                    .map_frame(move |frame| {
+                        let _ = &in_flight;
+                        frame
+                    })
+                    .map_err(|e| -> BoxError { Box::new(e) })
+                    .boxed_unsync();
+                Ok(Response::from_parts(response, body))
+            }
+            Err(failure) => {
+                if let Some(endpoint) = failure.endpoint {
+                    finish.upstream = Some(endpoint.addr);
+                    finish.destination = Some(endpoint.workload);
+                }
+                Err(failure.error)
+            }
+        }
+    }
+
+    fn mirror(
+        &self,
+        plan: &Plan,
+        target: BackendTarget,
+        parts: &http::request::Parts,
+        data: Bytes,
+        trailers: Option<http::HeaderMap>,
+        client: SocketAddr,
+    ) {
+        let forwarder = self.forwarder.clone();
+        let plan = Plan {
+            destination: Destination::Service(target),
+            request_timeout: Some(
+                plan.request_timeout
+                    .unwrap_or(std::time::Duration::from_secs(30)),
+            ),
+            attempt_timeout: None,
+            retry: None,
+            load_balancer: LoadBalancer::LeastRequest,
+            outlier_detection: None,
+            http2: plan.http2,
+        };
+        let parts = parts.clone();
+        tokio::spawn(
+            async move {
+                let body = RequestBody::Buffered { data, trailers };
+                match forwarder.forward(&plan, &parts, body, client).await {
+                    Ok(answer) => {
+                        // Drain the response so the connection is reusable; ignore it.
+                        let _ = answer.response.into_body().collect().await;
+                    }
+                    Err(failure) => debug!(error = %failure.error, "mirror failed"),
+                }
+            }
+            .instrument(debug_span!("mirror")),
+        );
+    }
+}
+
+/// Answers `status` with an empty body (used when no pipeline applies).
+pub fn status_only(status: StatusCode) -> Response<BoxBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = status;
+    response
+}
