@@ -17,7 +17,10 @@ use waypoint::engine::{BackendTarget, LoadBalancer, OutlierDetection, RetryPolic
 use waypoint::error::Error;
 use waypoint::upstream::{Destination, Plan};
 
-const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)), 0);
+const CLIENT: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)),
+    0,
+);
 
 fn plan(lb: LoadBalancer) -> Plan {
     Plan {
@@ -101,7 +104,9 @@ async fn least_request_avoids_the_busy_endpoint() {
             Arc::new(|_| (StatusCode::OK, Duration::from_millis(1500))),
         )
         .await;
-    let fast = mesh.http_endpoint("ep1", "echo", [127, 0, 0, 12], ok()).await;
+    let fast = mesh
+        .http_endpoint("ep1", "echo", [127, 0, 0, 12], ok())
+        .await;
     let plan = plan(LoadBalancer::LeastRequest);
     let mesh = Arc::new(mesh);
     // Hold a request in flight on the slow endpoint: send until one lands there.
@@ -114,7 +119,10 @@ async fn least_request_avoids_the_busy_endpoint() {
             break;
         }
     }
-    assert!(_slow.count.load(Ordering::SeqCst) > 0, "no request reached ep0");
+    assert!(
+        _slow.count.load(Ordering::SeqCst) > 0,
+        "no request reached ep0"
+    );
     // While a request is in flight on ep0, new ones go to ep1 (two endpoints: the two random
     // choices are both, and the less loaded wins).
     let before = fast.count.load(Ordering::SeqCst);
@@ -152,7 +160,10 @@ async fn outlier_detection_ejects_a_failing_endpoint_until_the_ejection_ends() {
     }
     let failing = apps[0].count.load(Ordering::SeqCst);
     assert_eq!(failing, 2);
-    let ejected = mesh.forwarder.balancer().report("app/echo.app.svc.cluster.local");
+    let ejected = mesh
+        .forwarder
+        .balancer()
+        .report("app/echo.app.svc.cluster.local");
     assert_eq!(ejected[0].1.ejections, 1, "{ejected:?}");
     for _ in 0..10 {
         let (status, by) = send(&mesh, &plan).await.unwrap();
@@ -165,7 +176,10 @@ async fn outlier_detection_ejects_a_failing_endpoint_until_the_ejection_ends() {
     for _ in 0..3 {
         send(&mesh, &plan).await.unwrap();
     }
-    assert!(apps[0].count.load(Ordering::SeqCst) > 2, "back after the ejection");
+    assert!(
+        apps[0].count.load(Ordering::SeqCst) > 2,
+        "back after the ejection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +230,9 @@ async fn retries_go_to_another_endpoint_after_a_connect_failure() {
         &[("echo", 80, 8080)],
         false,
     )]);
-    let _app = mesh.http_endpoint("ep1", "echo", [127, 0, 0, 12], ok()).await;
+    let _app = mesh
+        .http_endpoint("ep1", "echo", [127, 0, 0, 12], ok())
+        .await;
     let mut plan = plan(LoadBalancer::RoundRobin);
     plan.retry = Some(RetryPolicy {
         attempts: 2,
