@@ -179,6 +179,8 @@ fn path_regex_is_a_full_match_on_the_path_without_query() {
     assert_eq!(taken(&alt, &get("/b")).as_deref(), Some("alt"));
     assert_eq!(taken(&alt, &get("/bx")), None);
     assert_eq!(taken(&alt, &get("/xa")), None);
+    assert_eq!(taken(&alt, &get("/ax")), None);
+    assert_eq!(taken(&alt, &get("/x/b")), None);
 }
 
 #[test]
@@ -663,6 +665,14 @@ fn redirect_without_scheme_or_port_keeps_the_request_port() {
         req("GET", "/old", &[("host", "app.example")]),
     );
     assert_eq!(loc, "http://app.example/old");
+    // Host without port on a non-default service port: that port (Gateway API: the
+    // listener port).
+    let mut c = service(vec![redirect(pb::RequestRedirect::default())]);
+    c.ports[0].port = 8080;
+    let s = ServiceRoutes::compile(&c).unwrap();
+    let request = req("GET", "/old", &[("host", "app.example")]);
+    let answer = respond(s.route(8080, &request, &mut rng()));
+    assert_eq!(location(&answer), "http://app.example:8080/old");
     // Explicit default port in Host: omitted.
     let (_, loc) = redirect_location(
         pb::RequestRedirect::default(),
