@@ -6,6 +6,13 @@
 //! backend by weight, and says how to change the request and the response (filters).
 //! Authorization follows Istio's AuthorizationPolicy: DENY policies first, then, if any ALLOW
 //! policy applies to the request's target, at least one of them must match.
+//!
+//! Layout: `service` compiles a `ServiceConfig` and routes, `matcher` holds HTTPRoute matches,
+//! `filter` the HTTPRoute filters, `authz` the policies and `cidr` their IP blocks.
+//!
+//! Answers the runtime must give itself: [`Routing::NotFound`] is a 404; a
+//! [`Routing::Respond`] is sent as is (a redirect, or a 500 for a route without a usable
+//! backend); [`Denied`] is a 403.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -95,8 +102,9 @@ pub struct ServiceRoutes {
 pub enum Routing<'a> {
     /// No route matched (the port has routes, none of them holds): answer 404.
     NotFound,
-    /// Answer without forwarding (a `RequestRedirect`): a response with no body, e.g. 302 with
-    /// `location`.
+    /// Answer without forwarding, with no body: a `RequestRedirect` (301/302 with `location`),
+    /// or 500 when the route has no backend with a non-zero weight or the chosen backend is an
+    /// invalid reference (Gateway API: such requests are answered 500).
     Respond(http::Response<()>),
     /// Forward to a backend.
     Forward(Forward<'a>),
@@ -110,11 +118,14 @@ pub struct Forward<'a> {
     pub route: &'a str,
     /// The chosen backend.
     pub backend: BackendTarget,
-    /// Backends the request is mirrored to (already sampled by their percentage).
+    /// Backends the request is mirrored to (already sampled by their percentage; route
+    /// mirrors first, then the chosen backend's). Mirrors are fire-and-forget: their answers
+    /// are dropped.
     pub mirrors: Vec<BackendTarget>,
-    /// Whole-request deadline (including retries).
+    /// Whole-request deadline (including retries); `None` = none. Answered 504 when it
+    /// expires.
     pub request_timeout: Option<std::time::Duration>,
-    /// Per-attempt deadline.
+    /// Per-attempt deadline; `None` = none.
     pub backend_request_timeout: Option<std::time::Duration>,
     /// Retry policy, if any.
     pub retry: Option<&'a RetryPolicy>,
@@ -333,9 +344,11 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The request's authority: the URI's (HTTP/2 `:authority`, absolute-form) or else the `Host`
-/// header (RFC 9112 §3.2.2).
-fn request_authority(request: &http::request::Parts) -> Option<&str> {
+/// The request's authority as routing sees it: the URI's (HTTP/2 `:authority`, HTTP/1.1
+/// absolute-form) or else the `Host` header (RFC 9112 §3.2.2); `None` when neither is there
+/// (or `Host` is not visible ASCII). Use it for [`RequestFacts::host`] so authorization and
+/// routing agree.
+pub fn request_authority(request: &http::request::Parts) -> Option<&str> {
     match request.uri.authority() {
         Some(a) => Some(a.as_str()),
         None => request
@@ -347,7 +360,37 @@ fn request_authority(request: &http::request::Parts) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::split_host_port;
+
+    #[test]
+    fn engine_types_can_be_shared_across_tasks() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::ServiceRoutes>();
+        shared::<super::PolicySet>();
+        shared::<super::Forward<'static>>();
+    }
+
+    #[test]
+    fn request_authority_prefers_the_uri() {
+        let parts = |uri: &str, host: Option<&str>| {
+            let mut b = http::Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header("host", h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert_eq!(
+            super::request_authority(&parts("http://a:1/x", Some("b"))),
+            Some("a:1")
+        );
+        assert_eq!(
+            super::request_authority(&parts("/x", Some("b:2"))),
+            Some("b:2")
+        );
+        assert_eq!(super::request_authority(&parts("/x", None)), None);
+    }
 
     #[test]
     fn split_host_port_variants() {

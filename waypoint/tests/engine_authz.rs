@@ -449,6 +449,18 @@ fn methods_paths_and_ports() {
         }),
         &f
     ));
+    // Paths are compared without a query, even if one slips through.
+    let with_query = RequestFacts {
+        path: "/admin?x=1",
+        ..f
+    };
+    assert!(!allowed_by(
+        op(pb::Operation {
+            not_paths: strings(&["/admin"]),
+            ..Default::default()
+        }),
+        &with_query
+    ));
     // Every non-empty field of one operation must hold.
     let both = op(pb::Operation {
         methods: strings(&["GET"]),

@@ -1014,6 +1014,45 @@ fn compile_rejects_bad_headers_and_filters() {
             "bad-status: filter/0: request_redirect status_code 307",
         ),
         (
+            redirect_named(
+                "bad-host",
+                pb::RequestRedirect {
+                    hostname: "a.example:80".into(),
+                    ..Default::default()
+                },
+            ),
+            "bad-host: filter/0: request_redirect hostname \"a.example:80\"",
+        ),
+        (
+            redirect_named(
+                "bad-scheme",
+                pb::RequestRedirect {
+                    scheme: "ftp".into(),
+                    ..Default::default()
+                },
+            ),
+            "bad-scheme: filter/0: request_redirect scheme \"ftp\"",
+        ),
+        (
+            {
+                let mut r = route("bad-rewrite-host", None);
+                r.filters = vec![rewrite("bad host", None)];
+                r
+            },
+            "bad-rewrite-host: filter/0: url_rewrite hostname \"bad host\"",
+        ),
+        (
+            {
+                let mut r = route("bad-full-path", None);
+                r.filters = vec![rewrite(
+                    "",
+                    Some(pb::path_modifier::Kind::ReplaceFullPath("no-slash".into())),
+                )];
+                r
+            },
+            "bad-full-path: filter/0: url_rewrite path replace_full_path \"no-slash\"",
+        ),
+        (
             {
                 let mut r = route("prefix-on-exact", Some(path(exact("/a"))));
                 r.filters = vec![rewrite(

@@ -325,12 +325,15 @@ impl Source {
 
 impl Operation {
     fn matches(&self, f: &RequestFacts<'_>) -> bool {
+        // The path is documented without query; drop one anyway so `?` never defeats a
+        // `not_paths`.
+        let path = f.path.split_once('?').map_or(f.path, |(p, _)| p);
         host_any(&self.hosts, f.host)
             && host_none(&self.not_hosts, f.host)
             && any_of(&self.methods, Some(f.method))
             && none_of(&self.not_methods, Some(f.method))
-            && any_of(&self.paths, Some(f.path))
-            && none_of(&self.not_paths, Some(f.path))
+            && any_of(&self.paths, Some(path))
+            && none_of(&self.not_paths, Some(path))
             && port_any(&self.ports, f.port)
             && !self.not_ports.contains(&f.port)
     }

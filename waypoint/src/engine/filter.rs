@@ -112,7 +112,7 @@ impl Filter {
                 let hostname = if r.hostname.is_empty() {
                     None
                 } else if Authority::try_from(r.hostname.as_str()).is_ok()
-                    && !r.hostname.contains(['@', '/'])
+                    && !r.hostname.contains(['@', '/', ':'])
                 {
                     Some(r.hostname.clone())
                 } else {
