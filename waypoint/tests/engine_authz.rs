@@ -239,6 +239,16 @@ fn principals_with_or_without_spiffe_prefix() {
         ..Default::default()
     });
     assert!(allowed_by(prefix, &f));
+    // A caller that passes the SPIFFE ID with its scheme still matches.
+    let with_scheme = RequestFacts {
+        source_principal: Some("spiffe://cluster.local/ns/client/sa/web"),
+        ..facts(&h)
+    };
+    let exact = from(pb::Source {
+        principals: strings(&["cluster.local/ns/client/sa/web"]),
+        ..Default::default()
+    });
+    assert!(allowed_by(exact, &with_scheme));
 }
 
 #[test]

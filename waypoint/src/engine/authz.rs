@@ -148,6 +148,12 @@ fn host_hit(patterns: &[Pattern], host: &str) -> bool {
     patterns.iter().any(|p| p.matches(&full) || p.matches(bare))
 }
 
+/// The peer's SPIFFE ID without `spiffe://` (tolerating a caller that left it on).
+fn principal<'a>(f: &RequestFacts<'a>) -> Option<&'a str> {
+    f.source_principal
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p))
+}
+
 fn cidr_any(blocks: &[Cidr], ip: IpAddr) -> bool {
     blocks.is_empty() || blocks.iter().any(|b| b.contains(ip))
 }
@@ -314,8 +320,9 @@ impl Rule {
 
 impl Source {
     fn matches(&self, f: &RequestFacts<'_>) -> bool {
-        any_of(&self.principals, f.source_principal)
-            && none_of(&self.not_principals, f.source_principal)
+        let principal = principal(f);
+        any_of(&self.principals, principal)
+            && none_of(&self.not_principals, principal)
             && any_of(&self.namespaces, f.source_namespace)
             && none_of(&self.not_namespaces, f.source_namespace)
             && cidr_any(&self.ip_blocks, f.source_ip)
@@ -364,7 +371,7 @@ impl Condition {
                 any_of(values, f.source_namespace) && none_of(not_values, f.source_namespace)
             }
             Condition::SourcePrincipal { values, not_values } => {
-                any_of(values, f.source_principal) && none_of(not_values, f.source_principal)
+                any_of(values, principal(f)) && none_of(not_values, principal(f))
             }
             Condition::DestinationPort { values, not_values } => {
                 port_any(values, f.port) && !not_values.contains(&f.port)
