@@ -5,7 +5,10 @@
 //!   change-to-delta latency with N connected delta ADS clients, resident memory.
 //! * `mesh`: the L4 mesh on a 2-node local cluster vs the same pods without it: cross-node
 //!   throughput, fixed-rate 1 KiB latency, ztunnel memory per idle proxied connection (root).
-//! * `run`: every scenario in turn (`hbone`, `controller`, then `mesh`).
+//! * `waypoint`: the L7 path (ztunnel → waypoint → ztunnel) vs the L4 path on the local
+//!   cluster: added latency at a fixed rate, waypoint CPU and memory, requests/s per waypoint
+//!   core (root).
+//! * `run`: every scenario in turn (`hbone`, `controller`, `mesh`, then `waypoint`).
 //!
 //! Results go to stdout as a Markdown table and to `bench/results/<scenario>-<unix-time>.json`.
 
@@ -17,6 +20,7 @@ mod controller;
 mod hbone;
 mod mesh;
 mod report;
+mod waypoint;
 
 use std::path::{Path, PathBuf};
 
@@ -45,7 +49,9 @@ enum Command {
     Controller(controller::Args),
     /// The L4 mesh on the local cluster vs no mesh: throughput, latency, ztunnel memory (root).
     Mesh(mesh::Args),
-    /// Every scenario in turn: hbone, controller, then mesh.
+    /// The L7 path through a waypoint vs the L4 path: latency, waypoint CPU/memory, req/s per core (root).
+    Waypoint(waypoint::Args),
+    /// Every scenario in turn: hbone, controller, mesh, then waypoint.
     Run(RunArgs),
 }
 
@@ -60,6 +66,9 @@ struct RunArgs {
 
     #[command(flatten, next_help_heading = "mesh")]
     mesh: mesh::Args,
+
+    #[command(flatten, next_help_heading = "waypoint")]
+    waypoint: waypoint::Args,
 }
 
 fn default_results_dir() -> PathBuf {
@@ -76,12 +85,15 @@ fn main() -> anyhow::Result<()> {
         Command::Hbone(args) => run_hbone(&runtime, &args, &cli.results_dir),
         Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
         Command::Mesh(args) => run_mesh(&args, &cli.results_dir),
+        Command::Waypoint(args) => run_waypoint(&args, &cli.results_dir),
         Command::Run(args) => {
             run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
             println!();
             run_controller(&runtime, &args.controller, &cli.results_dir)?;
             println!();
-            run_mesh(&args.mesh, &cli.results_dir)
+            run_mesh(&args.mesh, &cli.results_dir)?;
+            println!();
+            run_waypoint(&args.waypoint, &cli.results_dir)
         }
     }
 }
@@ -98,6 +110,14 @@ fn run_mesh(args: &mesh::Args, results_dir: &Path) -> anyhow::Result<()> {
     let result = mesh::run(args)?;
     mesh::print(&result);
     let path = mesh::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_waypoint(args: &waypoint::Args, results_dir: &Path) -> anyhow::Result<()> {
+    let result = waypoint::run(args)?;
+    waypoint::print(&result);
+    let path = waypoint::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -97,7 +97,7 @@ spec: {{nodeName: node-1, containers: [{{name: c, command: [sleep, infinity]}}]}
 const REQUEST_BYTES: usize = 1024;
 
 /// Removes the cluster when dropped.
-struct Guard(String);
+pub(crate) struct Guard(pub(crate) String);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -117,17 +117,17 @@ struct PathPods {
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone)]
 pub(crate) struct Latency {
-    samples: usize,
-    errors: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    p999: f64,
-    max: f64,
+    pub(crate) samples: usize,
+    pub(crate) errors: usize,
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
 }
 
 impl Latency {
-    fn from_samples(mut samples: Vec<Duration>, errors: usize) -> Latency {
+    pub(crate) fn from_samples(mut samples: Vec<Duration>, errors: usize) -> Latency {
         samples.sort();
         let at = |q: f64| {
             if samples.is_empty() {
@@ -148,7 +148,7 @@ impl Latency {
         }
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({
             "samples": self.samples, "errors": self.errors,
             "p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99,
@@ -326,7 +326,7 @@ pub(crate) fn run(args: &Args) -> Result<MeshResult> {
     })
 }
 
-fn raise_fd_limit() -> Result<()> {
+pub(crate) fn raise_fd_limit() -> Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     let want = 262_144.max(hard);
@@ -428,7 +428,28 @@ fn fixed_rate(
     let conns = netns::within(client_netns, move || -> Result<Vec<TcpStream>> {
         (0..connections).map(|_| connect(addr)).collect()
     })??;
-    let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(args.rate.max(1)));
+    fixed_rate_over(conns, args.rate, secs, |conn| {
+        let request = [0x5au8; REQUEST_BYTES];
+        let mut response = [0u8; REQUEST_BYTES];
+        conn.write_all(&request)?;
+        conn.read_exact(&mut response)
+    })
+}
+
+/// Runs `exchange` on each of `conns` at a combined `rate` per second for `secs`, open loop:
+/// every exchange has a scheduled start and its latency counts from that time, not from when it
+/// actually started, so a stall also counts against the exchanges queued behind it (no
+/// coordinated omission). One blocking thread per connection sleeps until each scheduled time
+/// (Linux high-resolution sleeps; tokio's 1 ms timer is too coarse). A connection whose
+/// exchange fails stops and counts as one error. Returns the latencies and the errors.
+pub(crate) fn fixed_rate_over(
+    conns: Vec<TcpStream>,
+    rate: u32,
+    secs: u64,
+    exchange: fn(&mut TcpStream) -> std::io::Result<()>,
+) -> Result<(Vec<Duration>, usize)> {
+    let connections = u32::try_from(conns.len()).unwrap_or(u32::MAX).max(1);
+    let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate.max(1)));
     let per_connection = (secs as f64 / interval.as_secs_f64()).ceil() as u64;
     let start = Instant::now() + Duration::from_millis(100);
     let stagger = interval / connections;
@@ -438,8 +459,6 @@ fn fixed_rate(
         .map(|(i, mut conn)| {
             let first = start + stagger * u32::try_from(i).unwrap_or(0);
             std::thread::spawn(move || {
-                let request = [0x5au8; REQUEST_BYTES];
-                let mut response = [0u8; REQUEST_BYTES];
                 let mut samples = Vec::with_capacity(per_connection as usize);
                 let mut errors = 0;
                 for n in 0..per_connection {
@@ -448,9 +467,7 @@ fn fixed_rate(
                     if scheduled > now {
                         std::thread::sleep(scheduled - now);
                     }
-                    let ok =
-                        conn.write_all(&request).is_ok() && conn.read_exact(&mut response).is_ok();
-                    if ok {
+                    if exchange(&mut conn).is_ok() {
                         samples.push(scheduled.elapsed());
                     } else {
                         errors += 1;
@@ -485,7 +502,7 @@ fn open_idle(addr: SocketAddr, count: u32) -> Result<Vec<TcpStream>> {
     Ok(held)
 }
 
-fn rss_bytes(pid: i32) -> Result<u64> {
+pub(crate) fn rss_bytes(pid: i32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -495,11 +512,11 @@ fn rss_bytes(pid: i32) -> Result<u64> {
         .context("VmRSS in /proc/PID/status")
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn yes_no(ok: bool) -> &'static str {
+pub(crate) fn yes_no(ok: bool) -> &'static str {
     if ok { "yes" } else { "no" }
 }
 

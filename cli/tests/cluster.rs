@@ -8,46 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft::cluster::{self, Cluster, Object, ObjectKey, Options};
+use weft::cluster::{self, Cluster, Object, ObjectKey};
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
-const READY: Duration = Duration::from_secs(30);
+mod common;
 
-fn root_or_skip(test: &str) -> bool {
-    if cluster::is_root() {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED {test}: the local cluster needs root (network namespaces); CI runs it as root"
-    );
-    false
-}
-
-/// A cluster torn down when the test ends, even on panic.
-struct TestCluster(Cluster);
-
-impl TestCluster {
-    fn up(name: &str, nodes: u8) -> Self {
-        let _ = Cluster::down(name, None);
-        let mut options = Options::new(name);
-        options.nodes = nodes;
-        options.weft_exe = Some(WEFT.into());
-        TestCluster(Cluster::up(&options).expect("cluster up"))
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let _ = Cluster::down(self.0.layout().name(), None);
-    }
-}
-
-impl std::ops::Deref for TestCluster {
-    type Target = Cluster;
-    fn deref(&self) -> &Cluster {
-        &self.0
-    }
-}
+use common::{READY, TestCluster, WEFT, http_get_in, ip_of, root_or_skip, wait_until};
 
 fn echo_manifests(replicas: u32) -> String {
     format!(
@@ -128,24 +93,6 @@ fn run_echo_client(
     count: u32,
 ) -> std::process::Output {
     cluster.echo_client(ns, pod, url, count).expect("exec")
-}
-
-fn ip_of(pod: &Object) -> String {
-    pod.0["status"]["podIP"]
-        .as_str()
-        .expect("pod ip")
-        .to_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn slice_addresses(cluster: &Cluster, ns: &str, service: &str) -> BTreeSet<String> {
@@ -658,25 +605,6 @@ fn without_root_cluster_commands_fail_with_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("needs root"), "{stderr}");
-}
-
-/// `GET path` on `addr` from inside a cluster namespace; returns the whole response text.
-fn http_get_in(netns: &str, addr: std::net::SocketAddr, path: &str) -> String {
-    let path = path.to_owned();
-    weft::cluster::netns::within(netns, move || {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        let _ = conn.read_to_string(&mut text);
-        text
-    })
-    .unwrap()
 }
 
 #[test]
