@@ -239,18 +239,9 @@ impl Proxy {
         } else {
             "http"
         };
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        let authority = crate::engine::request_authority(&parts)
+            .unwrap_or_default()
+            .to_owned();
         let source = self
             .state
             .read()
@@ -324,11 +315,10 @@ impl Proxy {
         finish: &mut Finish,
     ) -> Result<Response<BoxBody>, Error> {
         let port = downstream.target.port();
-        // Authorization. With no policy at all everything is allowed (Istio: no ALLOW policy
-        // applies), without asking the engine.
+        // Authorization (with no policy at all everything is allowed: no ALLOW policy applies).
         let routes = {
             let inner = self.state.read();
-            if !inner.policy_configs.is_empty() {
+            if !inner.policies.is_empty() {
                 let principal = downstream.peer.principal();
                 let facts = RequestFacts {
                     service: downstream.target.service_hostname(),

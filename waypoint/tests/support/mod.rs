@@ -447,6 +447,10 @@ pub async fn get(
         .header("host", authority)
         .body(Full::new(Bytes::new()))
         .unwrap();
+    tokio::time::timeout(T, sender.ready())
+        .await
+        .expect("connection not ready in time")
+        .expect("connection closed");
     let response = tokio::time::timeout(T, sender.send_request(request))
         .await
         .expect("request timed out")
