@@ -225,3 +225,72 @@ async fn a_tcp_port_is_never_parsed() {
         .unwrap();
     assert_eq!(&buf, request);
 }
+
+fn filter(kind: pb::filter::Kind) -> pb::Filter {
+    pb::Filter { kind: Some(kind) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_and_mirrors_apply_on_the_wire() {
+    let mesh = Mesh::new().await;
+    mesh.apply(vec![
+        service("echo", VIP, &[(80, 8080)], true),
+        service("shadow", [10, 96, 0, 11], &[(80, 8080)], false),
+    ]);
+    let _main = mesh
+        .http_endpoint("ep0", "echo", [127, 0, 0, 11], ok())
+        .await;
+    let shadow = mesh
+        .http_endpoint("shadow0", "shadow", [127, 0, 0, 12], ok())
+        .await;
+    let route = pb::Route {
+        name: "HTTPRoute/app/echo/rule/0/match/0".into(),
+        backends: vec![backend("echo.app.svc.cluster.local", 80)],
+        filters: vec![
+            filter(pb::filter::Kind::RequestHeaderModifier(
+                pb::HeaderModifier {
+                    set: vec![pb::Header {
+                        name: "x-add-route".into(),
+                        value: "yes".into(),
+                    }],
+                    ..Default::default()
+                },
+            )),
+            filter(pb::filter::Kind::ResponseHeaderModifier(
+                pb::HeaderModifier {
+                    add: vec![pb::Header {
+                        name: "x-from-waypoint".into(),
+                        value: "1".into(),
+                    }],
+                    ..Default::default()
+                },
+            )),
+            filter(pb::filter::Kind::RequestMirror(pb::RequestMirror {
+                backend: Some(backend("shadow.app.svc.cluster.local", 80)),
+                percent: 100,
+            })),
+        ],
+        ..Default::default()
+    };
+    apply_l7(
+        &mesh,
+        L7_SERVICE_TYPE_URL,
+        "app/wp/app/echo",
+        echo_config(
+            vec![route],
+            pb::Protocol::Http,
+            pb::LoadBalancer::LeastRequest,
+        ),
+    );
+    let mut client = mesh.h1("10.96.0.10:80").await;
+    let (status, headers, _) = get(&mut client, "echo.app", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-served-by"], "ep0");
+    assert_eq!(
+        headers["x-seen-x-add-route"], "yes",
+        "request filter applied"
+    );
+    assert_eq!(headers["x-from-waypoint"], "1", "response filter applied");
+    let mirrored = waypoint::app::wait_until(T, || shadow.count.load(Ordering::SeqCst) == 1).await;
+    assert!(mirrored, "the mirror backend got a copy");
+}

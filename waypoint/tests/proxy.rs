@@ -176,7 +176,11 @@ async fn request_id_and_traceparent() {
         .header("traceparent", parent)
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let response = client.send_request(request).await.unwrap();
+    client.ready().await.unwrap();
+    let response = tokio::time::timeout(T, client.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(response.headers()["x-seen-request-id"], "my-id");
     let seen =
         TraceParent::parse(response.headers()["x-seen-traceparent"].to_str().unwrap()).unwrap();
@@ -281,4 +285,31 @@ async fn drain_lets_in_flight_requests_finish() {
     assert_eq!(status, StatusCode::OK, "the in-flight request finished");
     drop(mesh);
     let _ = tokio::time::timeout(T, outcome).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_are_labelled_grpc_with_their_status() {
+    let (mesh, _app) = one_endpoint_mesh().await;
+    let mut client = mesh.h2("10.96.0.10:80").await;
+    let request = Request::post("http://echo.app/weft.echo.v1.Echo/Echo")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let response = tokio::time::timeout(T, client.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-proto"], "HTTP/2.0");
+    let _ = response.into_body().collect().await.unwrap();
+    let ok = waypoint::app::wait_until(T, || {
+        mesh.metrics_text().lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("request_protocol=\"grpc\"")
+                && l.contains("grpc_response_status=\"0\"")
+        })
+    })
+    .await;
+    assert!(ok, "{}", mesh.metrics_text());
 }

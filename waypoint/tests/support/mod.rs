@@ -188,6 +188,16 @@ pub async fn http_app(ip: IpAddr, name: &str, behaviour: Behaviour) -> App {
                         let (status, delay) = behaviour(n);
                         async move {
                             let version = format!("{:?}", req.version());
+                            let grpc = req
+                                .headers()
+                                .get("content-type")
+                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                            let echoed: Vec<(String, http::HeaderValue)> = req
+                                .headers()
+                                .iter()
+                                .filter(|(k, _)| k.as_str().starts_with("x-add"))
+                                .map(|(k, v)| (format!("x-seen-{}", k.as_str()), v.clone()))
+                                .collect();
                             let rid = req.headers().get("x-request-id").cloned();
                             let tp = req.headers().get("traceparent").cloned();
                             let body = req
@@ -206,6 +216,15 @@ pub async fn http_app(ip: IpAddr, name: &str, behaviour: Behaviour) -> App {
                             }
                             if let Some(v) = tp {
                                 resp = resp.header("x-seen-traceparent", v);
+                            }
+                            for (k, v) in echoed {
+                                resp = resp.header(k, v);
+                            }
+                            if grpc {
+                                // A trailers-only style answer: the status in the headers.
+                                resp = resp
+                                    .header("content-type", "application/grpc")
+                                    .header("grpc-status", "0");
                             }
                             Ok::<_, Infallible>(resp.body(Full::new(body)).unwrap())
                         }
