@@ -168,7 +168,10 @@ pub fn config_dump(
                     serde_json::json!({
                         "port": p.service_port,
                         "target_port": p.target_port,
-                        "protocol": port_config.map_or("detect".to_owned(), |pc| format!("{:?}", pc.protocol()).to_lowercase()),
+                        "protocol": port_config.map_or("detect".to_owned(), |pc| match pc.protocol() {
+                            weft_proto::weft::l7::v1::Protocol::Unspecified => "detect".to_owned(),
+                            other => format!("{other:?}").to_lowercase(),
+                        }),
                         "routes": port_config.map(|pc| pc.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
                     })
                 })
@@ -283,7 +286,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metadata: [
             ("NAME".to_owned(), config.pod_name.clone()),
             ("NAMESPACE".to_owned(), config.pod_namespace.clone()),
-            ("INSTANCE_IPS".to_owned(), config.instance_ip.to_string()),
+            ("INSTANCE_IPS".to_owned(), config.instance_ip.clone()),
             ("SERVICE_ACCOUNT".to_owned(), config.service_account.clone()),
             (
                 "WAYPOINT_NAME".to_owned(),
@@ -319,7 +322,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let binding = Binding {
         namespace: config.pod_namespace.clone(),
         hostname: config.waypoint_hostname(),
-        own_ips: vec![config.instance_ip],
+        own_ips: config.instance_ips(),
     };
     let pool = Pool::new(
         PoolConfig::default(),

@@ -63,9 +63,10 @@ pub struct Config {
     /// This pod's namespace (the waypoint's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub pod_namespace: String,
-    /// This pod's IP (xDS node id; a GatewayAddress naming it binds to this waypoint).
-    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
-    pub instance_ip: IpAddr,
+    /// This pod's IPs, comma-separated (xDS node id; a GatewayAddress naming one binds to this
+    /// waypoint). Unparsable entries are ignored with a warning.
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    pub instance_ip: String,
     /// The service account the waypoint runs as (its identity).
     #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
     pub service_account: String,
@@ -116,6 +117,22 @@ impl Config {
         )
     }
 
+    /// The pod's IPs from `--instance-ip` (entries that are not IPs are skipped).
+    pub fn instance_ips(&self) -> Vec<IpAddr> {
+        self.instance_ip
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| match s.parse() {
+                Ok(ip) => Some(ip),
+                Err(_) => {
+                    tracing::warn!(value = s, "ignoring INSTANCE_IP entry that is not an IP");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// The xDS node id (`waypoint~<ip>~<pod>.<ns>~<ns>.svc.<suffix>`).
     pub fn node_id(&self) -> String {
         format!(
@@ -160,6 +177,8 @@ mod tests {
         );
         let named = Config::try_parse_from(["waypoint", "--waypoint-name", "gw"]).unwrap();
         assert_eq!(named.waypoint_name(), "gw");
+        assert_eq!(config.instance_ips(), vec![IpAddr::from([10, 0, 0, 9])]);
+        assert!(named.instance_ips().is_empty());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("5x").is_err());
     }

@@ -390,13 +390,9 @@ impl Proxy {
             Destination::Workload { .. } => (LoadBalancer::LeastRequest, None),
         };
         if let Destination::Service(target) = &destination {
-            finish.service = self
-                .state
-                .read()
-                .workloads
-                .services()
-                .find(|s| s.hostname == *target.hostname)
-                .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
+            finish.service =
+                crate::upstream::lookup_service(&self.state.read().workloads, &target.hostname)
+                    .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
         }
         let plan = Plan {
             destination,

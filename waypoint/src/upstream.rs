@@ -177,10 +177,7 @@ impl Forwarder {
                 ))
             }
             Destination::Service(target) => {
-                let service = inner
-                    .workloads
-                    .services()
-                    .find(|s| s.hostname == *target.hostname)
+                let service = lookup_service(&inner.workloads, &target.hostname)
                     .ok_or_else(|| Error::NoCluster(target.hostname.to_string()))?;
                 let endpoints = inner
                     .workloads
@@ -484,6 +481,18 @@ impl Forwarder {
             }),
         }
     }
+}
+
+/// The service `hostname` names: looked up as a client in the hostname's own namespace
+/// (`<name>.<namespace>.svc…`) sees it, else any service with that hostname.
+pub fn lookup_service<'a>(
+    store: &'a weft_core::state::Store,
+    hostname: &str,
+) -> Option<&'a Arc<weft_core::state::Service>> {
+    let namespace = hostname.split('.').nth(1).unwrap_or_default();
+    store
+        .service_by_hostname(hostname, namespace)
+        .or_else(|| store.services().find(|s| s.hostname == hostname))
 }
 
 /// Hop-by-hop headers never forwarded (RFC 9110 §7.6.1).
