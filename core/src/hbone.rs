@@ -2,7 +2,8 @@
 //!
 //! * [`Server`] terminates TLS + h2, accepts only `CONNECT` with an `ip:port` or `host:port`
 //!   authority, asks a caller-supplied [`Handler`] for a decision (200/400/401/503) and copies
-//!   bytes both ways with half-close.
+//!   bytes both ways with half-close, or hands the stream to the handler
+//!   ([`Decision::Serve`], for a proxy that parses what is tunnelled).
 //! * [`Pool`] multiplexes client streams over pooled connections keyed by
 //!   (source identity, expected destination identities, destination address, source IP).
 //! * [`Stream`] is one tunnelled stream as `AsyncRead + AsyncWrite`: FIN ⇄ `END_STREAM`,
@@ -23,8 +24,8 @@ pub use pool::{
     CertificateSource, Connector, Error as PoolError, Key, Pool, PoolConfig, TcpConnector,
 };
 pub use server::{
-    Authority, ConnectRequest, Decision, Error as ServerError, Handler, Refusal, Server,
-    ServerCertificate,
+    Authority, ConnectRequest, Decision, Error as ServerError, Handler, Refusal, ServeStream,
+    Server, ServerCertificate,
 };
 pub use settings::Settings;
 pub use stream::Stream;

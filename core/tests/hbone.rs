@@ -556,3 +556,68 @@ async fn a_rotated_server_certificate_is_used_by_new_connections() {
         "the old certificate is no longer presented"
     );
 }
+
+/// Serves each stream itself: answers every line with it upper-cased.
+struct Upper;
+
+impl Handler for Upper {
+    type Upstream = TcpStream;
+
+    async fn decide(&self, _request: &ConnectRequest) -> Decision<TcpStream> {
+        Decision::Serve {
+            headers: HeaderMap::new(),
+            serve: Box::new(|mut stream| {
+                Box::pin(async move {
+                    let mut buf = vec![0u8; 1024];
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        let upper = buf[..n].to_ascii_uppercase();
+                        if stream.write_all(&upper).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = stream.shutdown().await;
+                })
+            }),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_handler_can_serve_the_stream_itself() {
+    let signer = signer();
+    let server_cert = issue(&signer, SERVER_ID);
+    let client_cert = issue(&signer, CLIENT_ID);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_trigger, watch) = drain::channel();
+    let server = Arc::new(Server::new(
+        Settings::default(),
+        server_cert,
+        Arc::new(Upper),
+    ));
+    tokio::spawn(server.serve(listener, watch));
+    let pool = pool_for(client_cert.clone(), PoolConfig::default());
+    let key = Key::new(
+        client_cert.identity().clone(),
+        vec![id(SERVER_ID)],
+        addr,
+        None,
+    );
+    let mut stream = within(
+        "connect",
+        pool.connect(&key, "10.0.0.1:80", HeaderMap::new()),
+    )
+    .await
+    .unwrap();
+    stream.write_all(b"hello hbone").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = String::new();
+    within("read", stream.read_to_string(&mut out))
+        .await
+        .unwrap();
+    assert_eq!(out, "HELLO HBONE");
+}

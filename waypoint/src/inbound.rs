@@ -2,8 +2,8 @@
 //! protocol (configured, else detected from the first bytes) and the server for it: hyper
 //! HTTP/1.1 or HTTP/2 into [`Proxy`], or opaque TCP forwarded at L4.
 //!
-//! The HBONE server splices each accepted stream to one end of an in-memory duplex pipe; the
-//! other end is served here, so `weft_core::hbone::Server` needs no change.
+//! The HBONE server hands each accepted stream to this module ([`Decision::Serve`]); HTTP is
+//! served by hyper directly on the tunnelled stream.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,16 +19,15 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::copy::{ReadReady, copy_bidirectional};
 use weft_core::drain;
 use weft_core::hbone::headers::{FORWARDED, Forwarded};
-use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
+use weft_core::hbone::{
+    Authority, ConnectRequest, Decision, Handler, Refusal, Stream as HboneStream,
+};
 
 use crate::engine::{LoadBalancer, Protocol};
 use crate::metrics::{Facts, TcpLabels};
 use crate::proxy::{Downstream, Proxy};
 use crate::state::{Binding, Target, resolve};
 use crate::upstream::{Destination, error_chain};
-
-/// Bytes of the in-memory pipe between the HBONE stream and the HTTP server.
-const PIPE_BYTES: usize = 64 * 1024;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -144,6 +143,7 @@ impl Inbound {
 }
 
 impl Handler for Inbound {
+    /// Unused: every accepted stream is served here ([`Decision::Serve`]).
     type Upstream = DuplexStream;
 
     async fn decide(&self, request: &ConnectRequest) -> Decision<DuplexStream> {
@@ -186,7 +186,6 @@ impl Handler for Inbound {
             .map(Forwarded::parse)
             .and_then(|f| f.for_addr)
             .map_or(request.peer_addr, |f| SocketAddr::new(f.ip(), 0));
-        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
         let stream = Stream {
             proxy: self.proxy.clone(),
             target,
@@ -194,14 +193,10 @@ impl Handler for Inbound {
             client,
             drain: self.drain.clone(),
         };
-        tokio::spawn(
-            stream
-                .serve(ours)
-                .instrument(info_span!("stream", dst.addr = %addr, src.addr = %client)),
-        );
-        Decision::Accept {
-            upstream: theirs,
+        let span = info_span!("stream", dst.addr = %addr, src.addr = %client);
+        Decision::Serve {
             headers: http::HeaderMap::new(),
+            serve: Box::new(move |io| Box::pin(stream.serve(io).instrument(span))),
         }
     }
 }
@@ -230,7 +225,7 @@ impl Stream {
         }
     }
 
-    async fn serve(self, mut io: DuplexStream) {
+    async fn serve(self, mut io: HboneStream) {
         let mut prefix = BytesMut::with_capacity(64);
         let protocol = match self.configured() {
             Some(p) => p,
@@ -254,7 +249,7 @@ impl Stream {
         }
     }
 
-    async fn serve_http(self, io: Rewind<DuplexStream>, protocol: Detected) {
+    async fn serve_http(self, io: Rewind<HboneStream>, protocol: Detected) {
         let http2 = protocol == Detected::Http2;
         let downstream = Arc::new(Downstream {
             target: self.target,
@@ -301,7 +296,7 @@ impl Stream {
         }
     }
 
-    async fn serve_tcp(self, mut io: Rewind<DuplexStream>) {
+    async fn serve_tcp(self, mut io: Rewind<HboneStream>) {
         let (destination, service) = match &self.target {
             Target::Service { service, port } => (
                 Destination::Service(crate::engine::BackendTarget {

@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -85,7 +86,19 @@ pub enum Decision<U> {
     },
     /// Answer with the refusal's status and end the stream.
     Refuse(Refusal),
+    /// Answer 200 with `headers` and hand the stream itself to `serve` instead of splicing it
+    /// to an upstream (an L7 proxy such as the waypoint parses the tunnelled bytes).
+    /// [`Handler::finished`] is not called for such streams.
+    Serve {
+        /// Extra response headers.
+        headers: HeaderMap,
+        /// Runs the stream to its end.
+        serve: ServeStream,
+    },
 }
+
+/// Takes over an accepted stream (see [`Decision::Serve`]).
+pub type ServeStream = Box<dyn FnOnce(Stream) -> BoxFuture<'static, ()> + Send>;
 
 /// The caller-supplied decision for each `CONNECT` stream.
 pub trait Handler: Send + Sync + 'static {
@@ -361,12 +374,20 @@ type PendingStream = (
 /// the copy state (hundreds of bytes, not kilobytes, per idle stream).
 async fn serve_stream<H: Handler>(handler: Arc<H>, pending: Box<PendingStream>) {
     let opened = Box::pin(open_stream(&*handler, pending)).await;
-    let Some((mut stream, mut upstream)) = opened else {
-        return;
+    let (mut stream, mut upstream) = match opened {
+        Some(Opened::Splice(stream, upstream)) => (stream, upstream),
+        Some(Opened::Serve(stream, serve)) => return serve(stream).await,
+        None => return,
     };
     let result = copy_bidirectional(&mut stream, &mut upstream).await;
     drop(stream);
     handler.finished(upstream, &result);
+}
+
+/// An answered stream: spliced to an upstream, or served by the handler.
+enum Opened<U> {
+    Splice(Stream, U),
+    Serve(Stream, ServeStream),
 }
 
 /// Checks the request, asks the handler and answers: the stream and its upstream when
@@ -374,7 +395,7 @@ async fn serve_stream<H: Handler>(handler: Arc<H>, pending: Box<PendingStream>) 
 async fn open_stream<H: Handler>(
     handler: &H,
     pending: Box<PendingStream>,
-) -> Option<(Stream, H::Upstream)> {
+) -> Option<Opened<H::Upstream>> {
     let (mut base, request, mut respond) = *pending;
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refusal: Refusal| {
         let response = Response::builder()
@@ -396,8 +417,9 @@ async fn open_stream<H: Handler>(
     let (parts, recv) = request.into_parts();
     base.authority = authority;
     base.headers = parts.headers;
-    let (upstream, headers) = match handler.decide(&base).await {
-        Decision::Accept { upstream, headers } => (upstream, headers),
+    let (target, headers) = match handler.decide(&base).await {
+        Decision::Accept { upstream, headers } => (Ok(upstream), headers),
+        Decision::Serve { headers, serve } => (Err(serve), headers),
         Decision::Refuse(refusal) => {
             debug!(status = refusal.status().as_u16(), "refused by handler");
             refuse(&mut respond, refusal);
@@ -410,7 +432,13 @@ async fn open_stream<H: Handler>(
         .unwrap_or_default();
     *response.headers_mut() = headers;
     match respond.send_response(response, false) {
-        Ok(send) => Some((Stream::new(send, recv, HeaderMap::new(), None), upstream)),
+        Ok(send) => {
+            let stream = Stream::new(send, recv, HeaderMap::new(), None);
+            Some(match target {
+                Ok(upstream) => Opened::Splice(stream, upstream),
+                Err(serve) => Opened::Serve(stream, serve),
+            })
+        }
         Err(err) => {
             debug!(error = %err, "sending 200 failed");
             None
