@@ -211,25 +211,26 @@ struct Stream {
 }
 
 impl Stream {
-    /// The configured protocol of the target port, if the service's config says.
-    fn configured(&self) -> Option<Detected> {
+    /// The configured protocol of the target port (`Detect` without a config).
+    fn configured(&self) -> Protocol {
         let Target::Service { service, port } = &self.target else {
-            return None;
+            return Protocol::Detect;
         };
         let inner = self.proxy.state().read();
-        match inner.routes(&service.hostname)?.protocol(*port) {
-            Protocol::Detect => None,
-            Protocol::Http1 => Some(Detected::Http1),
-            Protocol::Http2 | Protocol::Grpc => Some(Detected::Http2),
-            Protocol::Tcp => Some(Detected::Tcp),
-        }
+        inner
+            .routes(&service.hostname)
+            .map_or(Protocol::Detect, |r| r.protocol(*port))
     }
 
+    /// Serves the stream: a TCP port is never parsed; otherwise the first bytes decide between
+    /// HTTP/2 (the preface) and HTTP/1.1, and, when the port is not declared HTTP, opaque TCP.
     async fn serve(self, mut io: HboneStream) {
+        let configured = self.configured();
         let mut prefix = BytesMut::with_capacity(64);
-        let protocol = match self.configured() {
-            Some(p) => p,
-            None => loop {
+        let protocol = if configured == Protocol::Tcp {
+            Detected::Tcp
+        } else {
+            let detected = loop {
                 let before = prefix.len();
                 let read = io.read_buf(&mut prefix).await;
                 let eof = matches!(read, Ok(0)) || read.is_err();
@@ -239,7 +240,14 @@ impl Stream {
                 if eof && prefix.len() == before {
                     break Detected::Tcp;
                 }
-            },
+            };
+            match (configured, detected) {
+                // A declared HTTP port answers what is not HTTP/2 as HTTP/1.1 (400 if garbage).
+                (Protocol::Http1 | Protocol::Http2 | Protocol::Grpc, Detected::Tcp) => {
+                    Detected::Http1
+                }
+                (_, detected) => detected,
+            }
         };
         debug!(protocol = ?protocol, "stream protocol");
         let io = Rewind::new(prefix.freeze(), io);
@@ -297,6 +305,31 @@ impl Stream {
     }
 
     async fn serve_tcp(self, mut io: Rewind<HboneStream>) {
+        if let Err(denied) = self
+            .proxy
+            .authorize_connection(&self.target, &self.peer, self.client)
+        {
+            let labels = TcpLabels::new(
+                &Facts {
+                    source_principal: Some(self.peer.to_string()),
+                    ..Facts::default()
+                },
+                "tcp",
+                denied.response_flags(),
+            );
+            let metrics = self.proxy.metrics();
+            metrics.tcp_opened.get_or_create(&labels).inc();
+            metrics.tcp_closed.get_or_create(&labels).inc();
+            info!(
+                target: "access",
+                flags = denied.response_flags(),
+                error = %denied,
+                src.addr = %self.client,
+                src.principal = %self.peer,
+                "tcp connection denied"
+            );
+            return;
+        }
         let (destination, service) = match &self.target {
             Target::Service { service, port } => (
                 Destination::Service(crate::engine::BackendTarget {

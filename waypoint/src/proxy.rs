@@ -225,6 +225,40 @@ impl Proxy {
         &self.state
     }
 
+    /// Authorizes an opaque TCP connection: the policies see no HTTP attributes (empty host,
+    /// method and path), so ALLOW rules that need them do not match.
+    ///
+    /// # Errors
+    /// [`Error::Denied`].
+    pub fn authorize_connection(
+        &self,
+        target: &Target,
+        peer: &SpiffeId,
+        client: SocketAddr,
+    ) -> Result<(), Error> {
+        let inner = self.state.read();
+        if inner.policies.is_empty() {
+            return Ok(());
+        }
+        let principal = peer.principal();
+        let headers = http::HeaderMap::new();
+        let facts = RequestFacts {
+            service: target.service_hostname(),
+            source_principal: Some(&principal),
+            source_namespace: Some(peer.namespace()),
+            source_ip: client.ip(),
+            host: "",
+            method: "",
+            path: "",
+            port: target.port(),
+            headers: &headers,
+        };
+        inner
+            .policies
+            .check(&facts)
+            .map_err(|denied| Error::Denied(denied.to_string()))
+    }
+
     /// Handles one request; never fails (errors become local replies).
     pub async fn handle(
         self: Arc<Self>,

@@ -294,3 +294,70 @@ async fn filters_and_mirrors_apply_on_the_wire() {
     let mirrored = waypoint::app::wait_until(T, || shadow.count.load(Ordering::SeqCst) == 1).await;
     assert!(mirrored, "the mirror backend got a copy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_is_subject_to_policy() {
+    let mesh = Mesh::new().await;
+    let ip = std::net::IpAddr::from([127, 0, 0, 11]);
+    let echo = tcp_echo(ip).await;
+    mesh.endpoint_server(ip, "echo").await;
+    mesh.apply(vec![
+        service("db", VIP, &[(5432, 5432)], true),
+        workload(
+            "db0",
+            "echo",
+            ip,
+            &[("db", 5432, u32::from(echo.port()))],
+            false,
+        ),
+    ]);
+    // Only principal "other" is allowed: the client's TCP stream is closed unanswered.
+    let policy = pb::Policy {
+        namespace: "app".into(),
+        name: "only-other".into(),
+        action: pb::Action::Allow as i32,
+        services: vec![],
+        rules: vec![pb::Rule {
+            from: vec![pb::Source {
+                principals: vec!["cluster.local/ns/app/sa/other".into()],
+                ..Default::default()
+            }],
+            to: vec![],
+            when: vec![],
+        }],
+    };
+    apply_l7(
+        &mesh,
+        L7_POLICY_TYPE_URL,
+        "app/wp/app/only-other",
+        policy.encode_to_vec(),
+    );
+    let mut stream = mesh.connect("10.96.0.10:5432").await.unwrap();
+    stream.write_all(b"\x00hello").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "denied stream got {out:?}");
+    assert!(mesh.metrics_text().contains("response_flags=\"RBAC\""));
+
+    // Allowing the client lets it through.
+    let mut policy = policy;
+    policy.rules[0].from[0]
+        .principals
+        .push("cluster.local/ns/app/sa/client".into());
+    apply_l7(
+        &mesh,
+        L7_POLICY_TYPE_URL,
+        "app/wp/app/only-other",
+        policy.encode_to_vec(),
+    );
+    let mut stream = mesh.connect("10.96.0.10:5432").await.unwrap();
+    stream.write_all(b"\x00hello").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(T, stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"\x00hello");
+}
