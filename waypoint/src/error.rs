@@ -76,6 +76,19 @@ impl Error {
         }
     }
 
+    /// The gRPC status a gRPC client is answered with (Envoy's HTTP → gRPC mapping: 403
+    /// `PERMISSION_DENIED` 7, 404 `UNIMPLEMENTED` 12, 502/503/504 `UNAVAILABLE` 14).
+    pub fn grpc_status(&self) -> u16 {
+        match self.status().as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502..=504 => 14,
+            _ => 2,
+        }
+    }
+
     /// Whether a retry may help (connect failures and resets; timeouts of an attempt are
     /// retried by the caller when the whole-request deadline allows).
     pub fn retriable(&self) -> bool {
@@ -121,6 +134,9 @@ mod tests {
             assert_eq!(error.response_flags(), flags, "{error}");
         }
         assert_eq!(Error::Denied("p".into()).body(), "RBAC: access denied");
+        assert_eq!(Error::Denied("p".into()).grpc_status(), 7);
+        assert_eq!(Error::NoRoute.grpc_status(), 12);
+        assert_eq!(Error::Timeout.grpc_status(), 14);
         assert!(Error::UpstreamReset("x".into()).retriable());
         assert!(!Error::NoHealthyUpstream("x".into()).retriable());
     }

@@ -182,9 +182,27 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// The local reply for `error`.
-fn local_reply(error: &Error) -> Response<BoxBody> {
+/// The local reply for `error`: the status and a text body, or, for a gRPC request, a
+/// trailers-only gRPC answer (HTTP 200, `grpc-status` mapped from the status as Envoy does,
+/// `grpc-message` the text).
+fn local_reply(error: &Error, grpc: bool) -> Response<BoxBody> {
     let text = error.body();
+    if grpc {
+        let mut response = Response::new(body::empty());
+        let code = error.grpc_status();
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(message) = HeaderValue::from_str(text)
+            && !text.is_empty()
+        {
+            headers.insert("grpc-message", message);
+        }
+        return response;
+    }
     let mut response = Response::new(body::full(text));
     *response.status_mut() = error.status();
     if !text.is_empty() {
@@ -321,7 +339,7 @@ impl Proxy {
             Err(error) => {
                 debug!(error = %error, "local reply");
                 finish.flags = error.response_flags();
-                local_reply(&error).into_parts()
+                local_reply(&error, protocol == "grpc").into_parts()
             }
         };
         strip_hop_by_hop(&mut response.headers);

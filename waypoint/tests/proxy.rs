@@ -313,3 +313,21 @@ async fn grpc_requests_are_labelled_grpc_with_their_status() {
     .await;
     assert!(ok, "{}", mesh.metrics_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_get_local_replies_as_grpc_status() {
+    let mesh = Mesh::new().await;
+    mesh.apply(vec![service("empty", [10, 96, 0, 30], &[(80, 8080)], true)]);
+    let mut client = mesh.h2("10.96.0.30:80").await;
+    let request = Request::post("http://empty.app/weft.echo.v1.Echo/Echo")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(T, client.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["grpc-status"], "14");
+    assert_eq!(response.headers()["grpc-message"], "no healthy upstream");
+}
