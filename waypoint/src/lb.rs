@@ -133,8 +133,10 @@ impl Balancer {
             .services
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let svc = services.entry(service.to_owned()).or_default();
-        svc.endpoints.retain(|uid, _| uids.contains(uid));
+        if !services.contains_key(service) {
+            services.insert(service.to_owned(), ServiceHealth::default());
+        }
+        let svc = services.get_mut(service)?;
         let candidates: Vec<Candidate> = uids
             .iter()
             .map(|uid| {
@@ -146,6 +148,11 @@ impl Balancer {
                 }
             })
             .collect();
+        if svc.endpoints.len() > uids.len() {
+            // Forget endpoints that left the service.
+            let current: std::collections::HashSet<&Arc<str>> = uids.iter().collect();
+            svc.endpoints.retain(|uid, _| current.contains(uid));
+        }
         let index = choose(lb, &candidates, &mut svc.rr, &mut rand::rng())?;
         let health = svc.endpoints.get(&uids[index])?;
         health.outstanding.fetch_add(1, Ordering::Relaxed);

@@ -77,7 +77,18 @@ impl TcpLabels {
             source_workload: field(s, |w| &w.workload_name),
             source_canonical_service: field(s, |w| &w.canonical_name),
             source_canonical_revision: field(s, |w| &w.canonical_revision),
-            source_workload_namespace: field(s, |w| &w.namespace),
+            source_workload_namespace: match s {
+                Some(w) => or_unknown(&w.namespace),
+                // Unknown source IP: the namespace its certificate names.
+                None => or_unknown(
+                    facts
+                        .source_principal
+                        .as_deref()
+                        .and_then(|p| p.split("/ns/").nth(1))
+                        .and_then(|rest| rest.split('/').next())
+                        .unwrap_or_default(),
+                ),
+            },
             source_principal: or_unknown(facts.source_principal.as_deref().unwrap_or_default()),
             source_app: field(s, |w| &w.canonical_name),
             source_version: field(s, |w| &w.canonical_revision),
@@ -289,6 +300,7 @@ mod tests {
             "reporter=\"waypoint\"",
             "source_principal=\"spiffe://cluster.local/ns/a/sa/c\"",
             "source_workload=\"unknown\"",
+            "source_workload_namespace=\"a\"",
             "destination_service=\"echo.b.svc.cluster.local\"",
             "response_code=\"200\"",
             "response_flags=\"-\"",

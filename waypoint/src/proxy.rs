@@ -415,7 +415,7 @@ impl Proxy {
                 match routing {
                     Routing::NotFound => return Err(Error::NoRoute),
                     Routing::Respond(response) => {
-                        finish.route = "redirect".into();
+                        finish.route = "-".into();
                         let (p, ()) = response.into_parts();
                         return Ok(Response::from_parts(p, body::empty()));
                     }
