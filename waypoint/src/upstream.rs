@@ -107,6 +107,14 @@ impl From<Error> for Failure {
     }
 }
 
+/// Why a request could not be sent on a connection.
+enum SendError {
+    /// The connection was closed before the request was written: here it is back.
+    Unsent(Request<BoxBody>),
+    /// It failed after (part of) it was written, or the answer broke.
+    Failed(Error),
+}
+
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<BoxBody>),
     H2(hyper::client::conn::http2::SendRequest<BoxBody>),
@@ -303,7 +311,9 @@ impl Forwarder {
         })
     }
 
-    /// Sends one request to `endpoint` over a pooled or new connection.
+    /// Sends one request to `endpoint` over a pooled or new connection. A pooled connection
+    /// that turns out closed before the request was written (the upstream's keep-alive ended)
+    /// gets the request back and it goes on a new connection.
     async fn send(
         &self,
         endpoint: &Endpoint,
@@ -312,23 +322,54 @@ impl Forwarder {
         http2: bool,
     ) -> Result<Response<Incoming>, Error> {
         let key = (endpoint.addr, http2, client.ip());
-        let mut sender = match self.take_sender(&key) {
-            Some(sender) => sender,
-            None => self.handshake(endpoint, client, http2).await?,
-        };
-        let reset = |e: hyper::Error| Error::UpstreamReset(error_chain(&e));
+        let mut request = request;
+        if let Some(sender) = self.take_sender(&key) {
+            match self.send_on(key, sender, request).await {
+                Ok(response) => return Ok(response),
+                Err(SendError::Unsent(again)) => {
+                    debug!("pooled upstream connection closed; reconnecting");
+                    request = again;
+                }
+                Err(SendError::Failed(e)) => return Err(e),
+            }
+        }
+        let sender = self.handshake(endpoint, client, http2).await?;
+        self.send_on(key, sender, request)
+            .await
+            .map_err(|e| match e {
+                SendError::Unsent(_) => Error::UpstreamReset("connection closed".into()),
+                SendError::Failed(e) => e,
+            })
+    }
+
+    async fn send_on(
+        &self,
+        key: ClientKey,
+        mut sender: Sender,
+        request: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let reset = |e: hyper::Error| SendError::Failed(Error::UpstreamReset(error_chain(&e)));
+        let unsent =
+            |mut e: hyper::client::conn::TrySendError<Request<BoxBody>>| match e.take_message() {
+                Some(request) => SendError::Unsent(request),
+                None => reset(e.into_error()),
+            };
         match &mut sender {
             Sender::H1(s) => {
-                s.ready().await.map_err(reset)?;
-                let response = s.send_request(request).await.map_err(reset)?;
+                if s.ready().await.is_err() {
+                    return Err(SendError::Unsent(request));
+                }
+                let response = s.try_send_request(request).await.map_err(unsent)?;
                 self.put_sender(key, sender);
                 Ok(response)
             }
             Sender::H2(s) => {
-                s.ready().await.map_err(reset)?;
-                let future = s.send_request(request);
+                if s.ready().await.is_err() {
+                    return Err(SendError::Unsent(request));
+                }
+                let future = s.try_send_request(request);
                 self.put_sender(key, sender);
-                future.await.map_err(reset)
+                future.await.map_err(unsent)
             }
         }
     }
