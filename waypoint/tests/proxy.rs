@@ -331,3 +331,25 @@ async fn grpc_clients_get_local_replies_as_grpc_status() {
     assert_eq!(response.headers()["grpc-status"], "14");
     assert_eq!(response.headers()["grpc-message"], "no healthy upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_without_a_tunnel_are_reached_with_plain_tcp() {
+    let mesh = Mesh::new().await;
+    let ip = IpAddr::from([127, 0, 0, 51]);
+    let app = http_app(ip, "plain", ok()).await;
+    mesh.apply(vec![
+        service("plain", [10, 96, 0, 50], &[(80, 8080)], true),
+        workload_with_tunnel(
+            "plain1",
+            "plain",
+            ip,
+            &[("plain", 80, u32::from(app.addr.port()))],
+            false,
+            weft_proto::istio::workload::TunnelProtocol::None,
+        ),
+    ]);
+    let mut client = mesh.h1("10.96.0.50:80").await;
+    let (status, headers, _) = get(&mut client, "plain.app", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-served-by"], "plain");
+}

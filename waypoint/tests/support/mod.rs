@@ -114,6 +114,18 @@ pub fn workload(
     services: &[(&str, u32, u32)],
     bound: bool,
 ) -> Update {
+    workload_with_tunnel(uid, sa, ip, services, bound, TunnelProtocol::Hbone)
+}
+
+/// [`workload`] with the given tunnel (`None`: reached with plain TCP).
+pub fn workload_with_tunnel(
+    uid: &str,
+    sa: &str,
+    ip: IpAddr,
+    services: &[(&str, u32, u32)],
+    bound: bool,
+    tunnel: TunnelProtocol,
+) -> Update {
     let w = wpb::Workload {
         uid: uid.into(),
         name: uid.into(),
@@ -125,7 +137,7 @@ pub fn workload(
             IpAddr::V4(v4) => v4.octets().to_vec(),
             IpAddr::V6(v6) => v6.octets().to_vec(),
         }],
-        tunnel_protocol: TunnelProtocol::Hbone as i32,
+        tunnel_protocol: tunnel as i32,
         waypoint: waypoint_ref(bound),
         services: services
             .iter()
