@@ -361,3 +361,50 @@ async fn opaque_tcp_is_subject_to_policy() {
         .unwrap();
     assert_eq!(&buf, b"\x00hello");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_answers_504_upstream_request_timeout() {
+    let mesh = Mesh::new().await;
+    mesh.apply(vec![service("echo", VIP, &[(80, 8080)], true)]);
+    let _app = mesh
+        .http_endpoint(
+            "ep0",
+            "echo",
+            [127, 0, 0, 11],
+            std::sync::Arc::new(|_| (StatusCode::OK, Duration::from_secs(5))),
+        )
+        .await;
+    let route = pb::Route {
+        name: "HTTPRoute/app/echo/rule/0/match/0".into(),
+        backends: vec![backend("echo.app.svc.cluster.local", 80)],
+        request_timeout_ms: 300,
+        ..Default::default()
+    };
+    apply_l7(
+        &mesh,
+        L7_SERVICE_TYPE_URL,
+        "app/wp/app/echo",
+        echo_config(
+            vec![route],
+            pb::Protocol::Http,
+            pb::LoadBalancer::LeastRequest,
+        ),
+    );
+    let mut client = mesh.h1("10.96.0.10:80").await;
+    let start = std::time::Instant::now();
+    let (status, _, body) = get(&mut client, "echo.app", "/").await;
+    let took = start.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body, "upstream request timeout");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let ok = waypoint::app::wait_until(T, || {
+        mesh.metrics_text().lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"504\"")
+                && l.contains("response_flags=\"UT\"")
+        })
+    })
+    .await;
+    assert!(ok, "{}", mesh.metrics_text());
+}
