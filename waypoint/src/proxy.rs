@@ -66,6 +66,8 @@ struct Finish {
     authority: String,
     upstream: Option<SocketAddr>,
     route: String,
+    /// Why the waypoint answered itself, if it did.
+    details: Option<String>,
     request_id: String,
     traceparent: String,
     client: SocketAddr,
@@ -108,6 +110,7 @@ impl Finish {
             src.principal = %self.principal,
             upstream = %self.upstream.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
             route = %self.route,
+            details = self.details.as_deref().unwrap_or("-"),
             request_id = %self.request_id,
             traceparent = %self.traceparent,
             protocol = self.protocol,
@@ -325,6 +328,7 @@ impl Proxy {
             authority: authority.clone(),
             upstream: None,
             route: "-".into(),
+            details: None,
             request_id,
             traceparent,
             client: downstream.client,
@@ -339,6 +343,7 @@ impl Proxy {
             Err(error) => {
                 debug!(error = %error, "local reply");
                 finish.flags = error.response_flags();
+                finish.details = Some(error.to_string());
                 local_reply(&error, protocol == "grpc").into_parts()
             }
         };

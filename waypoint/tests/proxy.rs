@@ -353,3 +353,36 @@ async fn endpoints_without_a_tunnel_are_reached_with_plain_tcp() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-served-by"], "plain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    let (mesh, _app) = one_endpoint_mesh().await;
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for http2 in [false, true] {
+        let request = Request::post("http://echo.app/upload")
+            .header("host", "echo.app")
+            .body(Full::new(Bytes::from(payload.clone())))
+            .unwrap();
+        let response = if http2 {
+            let mut c = mesh.h2("10.96.0.10:80").await;
+            tokio::time::timeout(T, c.send_request(request))
+                .await
+                .unwrap()
+                .unwrap()
+        } else {
+            let mut c = mesh.h1("10.96.0.10:80").await;
+            tokio::time::timeout(T, c.send_request(request))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = tokio::time::timeout(T, response.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body.len(), payload.len(), "http2={http2}");
+        assert!(body[..] == payload[..], "http2={http2}");
+    }
+}
