@@ -25,7 +25,9 @@ use crate::error::Error;
 use crate::metrics::{Facts, HttpLabels, Metrics, RequestRecord};
 use crate::state::{Target, WaypointState};
 use crate::trace;
-use crate::upstream::{Destination, Forwarder, Plan, strip_hop_by_hop};
+use crate::upstream::{
+    Destination, Forwarder, Plan, restore_upgrade, strip_hop_by_hop, upgrade_protocol,
+};
 
 /// What a downstream HBONE stream carries requests for.
 #[derive(Debug, Clone)]
@@ -287,6 +289,10 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<BoxBody>, std::convert::Infallible> {
         let start = Instant::now();
+        let mut request = request;
+        // An HTTP/1.1 upgrade (e.g. WebSocket): once both sides switched, bytes are copied.
+        let upgrade = (!downstream.http2 && upgrade_protocol(request.headers()).is_some())
+            .then(|| hyper::upgrade::on(&mut request));
         let (mut parts, incoming) = request.into_parts();
         let (request_id, traceparent) = trace::stamp(&mut parts.headers);
         let protocol = if is_grpc(&parts.headers) {
@@ -335,7 +341,14 @@ impl Proxy {
         };
         let span = debug_span!("request", request.id = %finish.request_id);
         let result = self
-            .decide_and_forward(&downstream, parts, incoming, &authority, &mut finish)
+            .decide_and_forward(
+                &downstream,
+                parts,
+                incoming,
+                upgrade,
+                &authority,
+                &mut finish,
+            )
             .instrument(span)
             .await;
         let (mut response, body) = match result {
@@ -347,7 +360,13 @@ impl Proxy {
                 local_reply(&error, protocol == "grpc").into_parts()
             }
         };
+        let switched = (response.status == StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| upgrade_protocol(&response.headers))
+            .flatten();
         strip_hop_by_hop(&mut response.headers);
+        if let Some(protocol) = switched {
+            restore_upgrade(&mut response.headers, protocol);
+        }
         finish.status = response.status.as_u16();
         finish.grpc_status = response
             .headers
@@ -368,6 +387,7 @@ impl Proxy {
         downstream: &Downstream,
         mut parts: http::request::Parts,
         incoming: Incoming,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
         authority: &str,
         finish: &mut Finish,
     ) -> Result<Response<BoxBody>, Error> {
@@ -483,9 +503,18 @@ impl Proxy {
             .forward(&plan, &parts, body, downstream.client)
             .await
         {
-            Ok(answer) => {
+            Ok(mut answer) => {
                 finish.upstream = Some(answer.endpoint.addr);
                 finish.destination = Some(answer.endpoint.workload.clone());
+                if let Some(downstream_upgrade) = upgrade
+                    && answer.response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let upstream_upgrade = hyper::upgrade::on(&mut answer.response);
+                    tokio::spawn(
+                        splice_upgraded(downstream_upgrade, upstream_upgrade)
+                            .instrument(debug_span!("upgraded")),
+                    );
+                }
                 let (mut response, incoming) = answer.response.into_parts();
                 if let Some(forward) = &forward {
                     forward.apply_response(&mut response);
@@ -546,6 +575,26 @@ impl Proxy {
             }
             .instrument(debug_span!("mirror")),
         );
+    }
+}
+
+/// Copies bytes between the two sides of an upgraded (101) exchange until both end.
+async fn splice_upgraded(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            debug!(error = %e, "protocol switch failed");
+            return;
+        }
+    };
+    let mut downstream = hyper_util::rt::TokioIo::new(downstream);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => debug!(sent, received, "upgraded stream ended"),
+        Err(e) => debug!(error = %e, "upgraded stream failed"),
     }
 }
 

@@ -360,7 +360,10 @@ impl Forwarder {
                     return Err(SendError::Unsent(request));
                 }
                 let response = s.try_send_request(request).await.map_err(unsent)?;
-                self.put_sender(key, sender);
+                // A connection that switched protocols belongs to the upgraded stream.
+                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    self.put_sender(key, sender);
+                }
                 Ok(response)
             }
             Sender::H2(s) => {
@@ -487,7 +490,7 @@ impl Forwarder {
                 .map_err(failure)?;
             tokio::spawn(
                 async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(error = %e, "upstream http/1 connection ended");
                     }
                 }
@@ -548,6 +551,33 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// The protocol an HTTP/1.1 message switches to (`connection: upgrade` and `upgrade: <p>`,
+/// RFC 9110 §7.8), e.g. `websocket`.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    if asks {
+        headers.get(http::header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Puts `connection: upgrade` and `upgrade: <protocol>` back after [`strip_hop_by_hop`].
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(http::header::UPGRADE, protocol);
+}
+
 /// Removes hop-by-hop headers (and those named by `connection`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
@@ -582,6 +612,9 @@ fn build_request(parts: &http::request::Parts, body: BoxBody, http2: bool) -> Re
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
     strip_hop_by_hop(request.headers_mut());
+    if !http2 && let Some(protocol) = upgrade_protocol(&parts.headers) {
+        restore_upgrade(request.headers_mut(), protocol);
+    }
     let authority = parts
         .uri
         .authority()

@@ -386,3 +386,89 @@ async fn large_bodies_stream_both_ways() {
         assert!(body[..] == payload[..], "http2={http2}");
     }
 }
+
+/// An app answering `upgrade: echo` requests with 101, then echoing bytes upper-cased.
+async fn upgrade_app(ip: IpAddr) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = on.await else { return };
+                            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0
+                                    || io.write_all(&buf[..n].to_ascii_uppercase()).await.is_err()
+                                {
+                                    break;
+                                }
+                            }
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(StatusCode::SWITCHING_PROTOCOLS)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "echo")
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_upgrades_are_spliced() {
+    let mesh = Mesh::new().await;
+    let ip = IpAddr::from(EP1);
+    let app = upgrade_app(ip).await;
+    mesh.endpoint_server(ip, "echo").await;
+    mesh.apply(vec![
+        service("ws", VIP, &[(80, 8080)], true),
+        workload(
+            "ws1",
+            "echo",
+            ip,
+            &[("ws", 80, u32::from(app.port()))],
+            false,
+        ),
+    ]);
+    let mut stream = mesh.connect("10.96.0.10:80").await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(T, stream.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    stream.write_all(b"hello upgraded").await.unwrap();
+    let mut buf = [0u8; 14];
+    tokio::time::timeout(T, stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"HELLO UPGRADED");
+}
