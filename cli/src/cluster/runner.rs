@@ -22,9 +22,11 @@ use k8s_openapi::api::core::v1::{Container, Pod, Service};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use super::expansion::{expand, lookup};
 use super::layout::{self, Layout};
 use super::manifest::{Object, ObjectKey};
 use super::store::{self, Store};
+use super::token::{self, Token};
 use super::{cni, netns, proxy};
 
 /// Label carrying the hash of a Deployment's pod template.
@@ -90,6 +92,8 @@ struct PodRuntime {
     /// keeps the pod `Pending` and retries sandbox creation at `retry_at`.
     sandbox: Option<SandboxRetry>,
     last_status: Value,
+    /// The pod's service-account token registration (removed when the pod stops).
+    token_registration: Option<PathBuf>,
 }
 
 struct SandboxRetry {
@@ -428,6 +432,7 @@ impl Runner {
             failure: None,
             sandbox: None,
             last_status: Value::Null,
+            token_registration: None,
         };
         // Network set-up failures are retried (the pod stays Pending); the rest fail the pod.
         let mut sandbox_error = None;
@@ -453,7 +458,13 @@ impl Runner {
             let result = network.inspect_err(|message| sandbox_error = Some(message.clone()))?;
             let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
             runtime.cni_result = Some(result);
-            let env_base = self.base_env(object, &runtime, spec.service_account_name.as_deref())?;
+            let token_file = pod_dir.join(token::TOKEN_FILE_NAME);
+            runtime.token_registration = Some(self.issue_token(
+                &runtime,
+                spec.service_account_name.as_deref(),
+                &token_file,
+            )?);
+            let env_base = self.base_env(object, &runtime, &token_file)?;
             for container in &spec.containers {
                 let child = self.spawn(container, &runtime, &env_base, object, &pod_dir)?;
                 runtime.containers.push(ContainerRuntime {
@@ -486,6 +497,7 @@ impl Runner {
                 for container in &mut runtime.containers {
                     kill_group(container);
                 }
+                revoke_token(&mut runtime);
                 self.teardown_network(&runtime);
             }
         }
@@ -513,11 +525,43 @@ impl Runner {
         }
     }
 
+    /// Issues the pod's service-account token: writes it to `token_file` (mode 0600) and
+    /// registers it for the controller; returns the registration file.
+    fn issue_token(
+        &self,
+        runtime: &PodRuntime,
+        service_account: Option<&str>,
+        token_file: &Path,
+    ) -> Result<PathBuf, String> {
+        let token = Token::generate();
+        token.write(token_file).map_err(|e| e.to_string())?;
+        let registration = token::Registration {
+            namespace: runtime
+                .key
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            service_account: service_account
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or("default")
+                .to_owned(),
+            pod: runtime.key.name.clone(),
+            uid: runtime.uid.clone(),
+            node: layout::node_name(runtime.node),
+        };
+        token::register(
+            &self.config.layout.controller_state_dir(),
+            &token,
+            &registration,
+        )
+        .map_err(|e| crate::echo::error_message(&e))
+    }
+
     fn base_env(
         &self,
         object: &Object,
         runtime: &PodRuntime,
-        _sa: Option<&str>,
+        token_file: &Path,
     ) -> Result<Vec<(String, String)>, String> {
         let mut path: Vec<PathBuf> = self.config.program_dirs.clone();
         path.extend(
@@ -536,6 +580,10 @@ impl Runner {
             ("PATH".to_owned(), path.to_string_lossy().into_owned()),
             ("HOSTNAME".to_owned(), runtime.key.name.clone()),
             ("HOME".to_owned(), "/root".to_owned()),
+            (
+                token::TOKEN_FILE_ENV.to_owned(),
+                token_file.display().to_string(),
+            ),
         ];
         // Kubernetes-style service links for services in the pod's namespace.
         if object.0["spec"]["enableServiceLinks"] != false {
@@ -591,16 +639,11 @@ impl Runner {
         let (program, first_args) = command
             .split_first()
             .ok_or_else(|| format!("container {}: command is required", container.name))?;
-        let program = self.resolve_program(program).ok_or_else(|| {
-            format!(
-                "container {}: program {program:?} not found on the host",
-                container.name
-            )
-        })?;
         let mut env: Vec<(String, String)> = env_base.to_vec();
         for var in container.env.iter().flatten() {
             let value = match (&var.value, &var.value_from) {
-                (Some(value), _) => value.clone(),
+                // `$(VAR)` references earlier entries and the base environment.
+                (Some(value), _) => expand(value, |name| lookup(&env, name)),
                 (None, Some(from)) => match &from.field_ref {
                     Some(field) => {
                         field_value(&field.field_path, object, runtime, &self.config.layout)
@@ -622,6 +665,18 @@ impl Runner {
             };
             env.push((var.name.clone(), value));
         }
+        let program = expand(program, |name| lookup(&env, name));
+        let program = self.resolve_program(&program).ok_or_else(|| {
+            format!(
+                "container {}: program {program:?} not found on the host",
+                container.name
+            )
+        })?;
+        let args: Vec<String> = first_args
+            .iter()
+            .chain(container.args.iter().flatten())
+            .map(|arg| expand(arg, |name| lookup(&env, name)))
+            .collect();
         let log_path = pod_dir.join(format!("{}.log", container.name));
         let log = File::options()
             .create(true)
@@ -630,8 +685,7 @@ impl Runner {
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = netns::command_in(&runtime.netns, &program);
-        cmd.args(first_args)
-            .args(container.args.iter().flatten())
+        cmd.args(&args)
             .env_clear()
             .envs(env)
             .current_dir(pod_dir)
@@ -724,6 +778,7 @@ impl Runner {
         }
         // Anything else left in the pod's namespace (e.g. a process that changed its group).
         super::network::kill_all(&netns::pids(&runtime.netns));
+        revoke_token(&mut runtime);
         self.teardown_network(&runtime);
         let _ = std::fs::remove_dir_all(self.config.layout.pod_dir(&runtime.uid));
         info!(pod = %runtime.key, "pod stopped");
@@ -1111,6 +1166,16 @@ fn pod_status(runtime: &PodRuntime) -> Value {
         ],
         "containerStatuses": statuses,
     })
+}
+
+/// Removes the pod's token registration, so the controller no longer accepts its token.
+fn revoke_token(runtime: &mut PodRuntime) {
+    if let Some(path) = runtime.token_registration.take()
+        && let Err(err) = std::fs::remove_file(&path)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pod = %runtime.key, path = %path.display(), error = %err, "removing token registration failed");
+    }
 }
 
 fn kill_group(container: &mut ContainerRuntime) {
