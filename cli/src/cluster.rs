@@ -916,6 +916,49 @@ impl Cluster {
         )
     }
 
+    /// Runs `weft-echo grpc` in a pod with `call`'s target, method, message, metadata, count
+    /// and per-call timeout; one JSON line per call on stdout (`code`, `status`, `message`,
+    /// `pod`, `method`, `metadata`, or `error`).
+    ///
+    /// # Errors
+    /// As [`Cluster::exec`].
+    pub fn echo_grpc(
+        &self,
+        namespace: &str,
+        pod: &str,
+        call: &crate::echo::GrpcConfig,
+    ) -> Result<Output, Error> {
+        let method = match call.method {
+            crate::echo::GrpcMethod::Echo => "Echo",
+            crate::echo::GrpcMethod::Reverse => "Reverse",
+        };
+        let count = call.count.to_string();
+        let timeout = call.timeout.as_millis().to_string();
+        let headers: Vec<String> = call
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        let mut argv = vec![
+            "weft-echo",
+            "grpc",
+            "--target",
+            &call.target,
+            "--method",
+            method,
+            "--message",
+            &call.message,
+            "--count",
+            &count,
+            "--timeout-ms",
+            &timeout,
+        ];
+        for header in &headers {
+            argv.extend(["-H", header.as_str()]);
+        }
+        self.exec(namespace, pod, &argv)
+    }
+
     /// A container's log (the first container when `container` is `None`).
     ///
     /// # Errors
