@@ -81,6 +81,26 @@ struct Target {
     state_dir: Option<PathBuf>,
 }
 
+/// Cluster selection for commands whose `--name` means something else (a waypoint's name).
+#[derive(clap::Args, Debug, Clone)]
+struct ClusterTarget {
+    /// Cluster name.
+    #[arg(long = "cluster", default_value = "weft", env = "WEFT_CLUSTER")]
+    cluster: String,
+    /// State directory (default /var/run/weft/clusters/<cluster>).
+    #[arg(long, env = "WEFT_CLUSTER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl From<ClusterTarget> for Target {
+    fn from(target: ClusterTarget) -> Self {
+        Target {
+            name: target.cluster,
+            state_dir: target.state_dir,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum WaypointCommand {
     /// Print the waypoint Gateway YAML (writes nothing).
@@ -98,7 +118,7 @@ enum WaypointCommand {
     /// Create (or with --overwrite replace) the waypoint Gateway in the cluster.
     Apply {
         #[command(flatten)]
-        target: Target,
+        target: ClusterTarget,
         /// Namespace of the waypoint.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -124,7 +144,7 @@ enum WaypointCommand {
     /// List waypoints: namespace, name, traffic type, Programmed, address.
     List {
         #[command(flatten)]
-        target: Target,
+        target: ClusterTarget,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -138,7 +158,7 @@ enum WaypointCommand {
     /// Show waypoints' status conditions (type, status, reason, message).
     Status {
         #[command(flatten)]
-        target: Target,
+        target: ClusterTarget,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -152,7 +172,7 @@ enum WaypointCommand {
     /// Delete waypoints (and the objects the controller made for them).
     Delete {
         #[command(flatten)]
-        target: Target,
+        target: ClusterTarget,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -474,7 +494,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             wait,
             timeout,
         } => {
-            let cluster = open(&target)?;
+            let cluster = open(&target.into())?;
             let options = waypoint::ApplyOptions {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -518,7 +538,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             all_namespaces,
             output,
         } => {
-            let cluster = open(&target)?;
+            let cluster = open(&target.into())?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
             let gateways = waypoint::waypoints(cluster.store(), ns)?;
             if gateways.is_empty() && output == "table" {
@@ -537,7 +557,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             name,
             output,
         } => {
-            let cluster = open(&target)?;
+            let cluster = open(&target.into())?;
             let mut gateways = waypoint::waypoints(cluster.store(), Some(&namespace))?;
             if let Some(name) = &name {
                 gateways.retain(|g| g.name() == name);
@@ -561,7 +581,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             names,
             all,
         } => {
-            let cluster = open(&target)?;
+            let cluster = open(&target.into())?;
             let selection = if all {
                 waypoint::Selection::All
             } else {
@@ -703,4 +723,66 @@ fn print_objects(
     }
     print!("{}", inspect::render_table(&header, &rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn waypoint_commands_take_istioctl_flags_and_select_the_cluster_with_cluster() {
+        let cli = Cli::try_parse_from([
+            "weft",
+            "waypoint",
+            "apply",
+            "-n",
+            "app",
+            "--name",
+            "wp",
+            "--for",
+            "workload",
+            "--enroll-namespace",
+            "--wait",
+            "--timeout",
+            "2m",
+            "--cluster",
+            "e2e",
+        ])
+        .unwrap();
+        let Command::Waypoint {
+            command:
+                WaypointCommand::Apply {
+                    target,
+                    namespace,
+                    name,
+                    traffic,
+                    enroll_namespace,
+                    overwrite,
+                    wait,
+                    timeout,
+                },
+        } = cli.command
+        else {
+            panic!("not waypoint apply");
+        };
+        assert_eq!(target.cluster, "e2e");
+        assert_eq!((namespace.as_str(), name.as_str()), ("app", "wp"));
+        assert_eq!(traffic, Some(waypoint::For::Workload));
+        assert!(enroll_namespace && wait && !overwrite);
+        assert_eq!(timeout, std::time::Duration::from_secs(120));
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete", "--all", "wp"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete", "-n", "app", "a", "b"]).is_ok());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "list", "-A"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["weft", "waypoint", "status", "--name", "wp", "-o", "json"])
+                .is_ok()
+        );
+    }
 }

@@ -27,7 +27,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve HTTP/1.1 + h2c (JSON echo of each request) and TCP echo.
+    /// Serve HTTP/1.1 + h2c (JSON echo of each request; gRPC weft.echo.v1.Echo for
+    /// `content-type: application/grpc`) and TCP echo. Answers can be shaped per request with
+    /// `?status=<code>`, `?delay=<200ms|1s>`, `?fail_every=<n>` (every n-th such request gets
+    /// 503) or the headers `x-echo-status`, `x-echo-delay`, `x-echo-fail-every`.
     Serve(ServeArgs),
     /// Send HTTP requests and print one JSON line per response (exit 1 if any failed).
     Client(ClientArgs),
