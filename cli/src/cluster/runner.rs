@@ -1400,7 +1400,8 @@ mod tests {
                 layout,
                 nodes: 1,
                 plugin_dirs: Vec::new(),
-                program_dirs: Vec::new(),
+                // Where `weft` is: cargo builds `waypoint` into the same directory.
+                program_dirs: vec![dir.join("bin")],
                 tick: Duration::from_millis(200),
             },
             store: store.clone(),
@@ -1408,6 +1409,13 @@ mod tests {
             next_node: 1,
             applied_rules: None,
         };
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/waypoint"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(
+            runner.resolve_program("waypoint"),
+            Some(dir.join("bin/waypoint")),
+            "the waypoint program is found next to weft"
+        );
         runner.deployments().unwrap();
         runner.deployments().unwrap();
         let deployment_key = ObjectKey::new("apps", "Deployment", Some("app"), "waypoint");
