@@ -1093,6 +1093,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn waypoint_flags_go_only_to_a_controller_that_takes_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weft-cp-{}", store::new_uid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, help: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{help}'\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let new = script("new", "      --waypoint-command <WAYPOINT_COMMAND>");
+        let old = script("old", "      --files <FILES>");
+        assert!(supports_waypoints(&new));
+        assert!(!supports_waypoints(&old));
+        assert!(!supports_waypoints(&dir.join("missing")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_controller_renders_waypoints_that_reach_the_control_plane() {
         let layout = Layout::new("wp", Some(Path::new("/tmp/weft-wp-state"))).unwrap();
         let cluster = Cluster {
