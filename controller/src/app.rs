@@ -11,7 +11,9 @@ use tracing::{Instrument, info, info_span, warn};
 use weft_core::ca::Signer;
 use weft_k8s::{Index, files};
 use weft_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
-use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use weft_proto::type_url::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL,
+};
 
 use crate::auth::{Authenticator, BootstrapTokens, TokenReviewer};
 use crate::ca::{self, CaService};
@@ -48,7 +50,25 @@ pub enum Error {
     NodeAccount(String),
 }
 
-/// Publishes a translation into the cache (both types), returning whether anything changed.
+/// `name → message` as cache resources of `type_url`.
+fn resources<'a, M: Message + 'a>(
+    type_url: &str,
+    items: impl Iterator<Item = (&'a String, &'a M)>,
+) -> Vec<xds::Resource> {
+    items
+        .map(|(name, m)| xds::Resource {
+            name: name.clone(),
+            aliases: Vec::new(),
+            body: prost_types::Any {
+                type_url: type_url.to_owned(),
+                value: m.encode_to_vec(),
+            },
+        })
+        .collect()
+}
+
+/// Publishes a translation into the cache (workload addresses and authorizations, waypoint
+/// service configs and policies), returning whether anything changed.
 pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
     let addresses = out
         .addresses
@@ -62,21 +82,22 @@ pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
             },
         })
         .collect();
-    let authorizations = out
-        .authorizations
-        .iter()
-        .map(|(name, a)| xds::Resource {
-            name: name.clone(),
-            aliases: Vec::new(),
-            body: prost_types::Any {
-                type_url: AUTHORIZATION_TYPE_URL.to_owned(),
-                value: a.encode_to_vec(),
-            },
-        })
-        .collect();
-    let a = cache.set(ADDRESS_TYPE_URL, addresses);
-    let b = cache.set(AUTHORIZATION_TYPE_URL, authorizations);
-    a.changed + a.removed + b.changed + b.removed > 0
+    let outcomes = [
+        cache.set(ADDRESS_TYPE_URL, addresses),
+        cache.set(
+            AUTHORIZATION_TYPE_URL,
+            resources(AUTHORIZATION_TYPE_URL, out.authorizations.iter()),
+        ),
+        cache.set(
+            L7_SERVICE_TYPE_URL,
+            resources(L7_SERVICE_TYPE_URL, out.l7_services.iter()),
+        ),
+        cache.set(
+            L7_POLICY_TYPE_URL,
+            resources(L7_POLICY_TYPE_URL, out.l7_policies.iter()),
+        ),
+    ];
+    outcomes.iter().any(|o| o.changed + o.removed > 0)
 }
 
 /// Translates on every index change, at most once per `debounce`, and publishes.
