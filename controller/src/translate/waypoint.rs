@@ -193,6 +193,11 @@ impl Waypoints {
         (accepts && waypoint.admits(namespace, namespace_labels)).then_some(waypoint)
     }
 
+    /// Every waypoint, by namespace then name.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Waypoint> {
+        self.by_key.values()
+    }
+
     /// Looks a waypoint up by namespace and name.
     pub(crate) fn get(&self, namespace: &str, name: &str) -> Option<&Waypoint> {
         self.by_key.get(&(namespace.to_owned(), name.to_owned()))

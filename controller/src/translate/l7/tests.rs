@@ -768,3 +768,72 @@ spec:
             .all(|k| !k.starts_with("a/wp-wide") && !k.starts_with("a/echo-get"))
     );
 }
+
+#[test]
+fn implicit_waypoint_policy_attaches_to_workloads_behind_it() {
+    use weft_proto::istio::security::{Scope, string_match::MatchType};
+    use weft_proto::istio::workload::address;
+    let pod = |name: &str, ns: &str, labels: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\nspec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    };
+    let out = run(&[
+        pod("echo-1", "a", "{app: echo}", "10.244.0.1"),
+        pod("other-1", "a", "{app: other}", "10.244.0.2"),
+        pod("stray", "a", "{app: stray}", "10.244.0.3"),
+        pod("lonely-1", "b", "{app: lonely}", "10.244.0.4"),
+        pod(
+            "direct",
+            "b",
+            "{app: direct, istio.io/use-waypoint: wl}",
+            "10.244.0.5",
+        ),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wl, namespace: b, labels: {istio.io/waypoint-for: workload}}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n".to_owned(),
+        // A selector policy with L7 fields: ztunnel enforces it fail-closed (the rule is dropped).
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: l7-selector, namespace: a}\nspec: {selector: {matchLabels: {app: echo}}, action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}\n".to_owned(),
+    ]
+    .join("\n---\n"));
+    let policies = |ns: &str, name: &str| -> Vec<String> {
+        match out.addresses[&format!("Kubernetes//Pod/{ns}/{name}")]
+            .address
+            .r#type
+            .as_ref()
+        {
+            Some(address::Type::Workload(w)) => w.authorization_policies.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let wp = "a/istio_allow_waypoint_a_wp".to_owned();
+    let wl = "b/istio_allow_waypoint_b_wl".to_owned();
+    assert!(
+        policies("a", "echo-1").contains(&wp),
+        "backs a bound service"
+    );
+    assert!(policies("a", "other-1").contains(&wp));
+    assert!(
+        !policies("a", "stray").contains(&wp),
+        "backs no bound service"
+    );
+    assert!(
+        policies("b", "lonely-1").is_empty(),
+        "unbound: {:?}",
+        policies("b", "lonely-1")
+    );
+    assert_eq!(policies("b", "direct"), [wl.clone()], "bound directly");
+    let allow = &out.authorizations[&wp];
+    assert_eq!(allow.scope, Scope::WorkloadSelector as i32);
+    let principal = &allow.rules[0].clauses[0].matches[0].principals[0];
+    assert_eq!(
+        principal.match_type,
+        Some(MatchType::Exact("cluster.local/ns/a/sa/wp".into()))
+    );
+    assert!(out.authorizations.contains_key(&wl));
+
+    let l7_selector = &out.authorizations["a/l7-selector"];
+    assert!(
+        l7_selector.rules.is_empty(),
+        "selector ALLOW with L7 fields allows nothing at ztunnel"
+    );
+    assert!(policies("a", "echo-1").contains(&"a/l7-selector".to_owned()));
+}
