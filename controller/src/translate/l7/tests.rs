@@ -820,7 +820,11 @@ fn implicit_waypoint_policy_attaches_to_workloads_behind_it() {
         "unbound: {:?}",
         policies("b", "lonely-1")
     );
-    assert_eq!(policies("b", "direct"), [wl.clone()], "bound directly");
+    assert_eq!(
+        policies("b", "direct"),
+        std::slice::from_ref(&wl),
+        "bound directly"
+    );
     let allow = &out.authorizations[&wp];
     assert_eq!(allow.scope, Scope::WorkloadSelector as i32);
     let principal = &allow.rules[0].clauses[0].matches[0].principals[0];
