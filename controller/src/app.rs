@@ -15,7 +15,7 @@ use weft_proto::type_url::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL,
 };
 
-use crate::auth::{Authenticator, BootstrapTokens, TokenReviewer};
+use crate::auth::{Authenticator, BootstrapTokens, LocalTokens, PodTokens, TokenReviewer};
 use crate::ca::{self, CaService};
 use crate::config::{Config, Source};
 use crate::translate::{self, Output};
@@ -211,7 +211,10 @@ pub async fn run(
                     config.token_dir().display()
                 )))?;
             info!(nodes = ?nodes, dir = %config.token_dir().display(), "bootstrap tokens ready");
-            Arc::new(tokens)
+            Arc::new(LocalTokens {
+                nodes: tokens,
+                pods: PodTokens::new(config.pod_token_dir()),
+            })
         }
         Source::Kubernetes => {
             let client = match &kube_client {

@@ -138,6 +138,12 @@ impl Config {
         self.state_dir.join("tokens")
     }
 
+    /// Where the local cluster runner registers pod tokens (files source):
+    /// `<state dir>/tokens/pods/<hex sha256(token)>.json`.
+    pub fn pod_token_dir(&self) -> PathBuf {
+        self.token_dir().join("pods")
+    }
+
     /// Where the CA root lives.
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
