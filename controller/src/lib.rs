@@ -10,5 +10,6 @@ pub mod app;
 pub mod auth;
 pub mod ca;
 pub mod config;
+pub mod provision;
 pub mod translate;
 pub mod xds;

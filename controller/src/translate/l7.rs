@@ -60,7 +60,7 @@ pub struct RouteStatus {
 }
 
 /// A condition as Gateway API spells it (without `lastTransitionTime`).
-pub(crate) fn condition(
+pub fn condition(
     type_: &str,
     ok: bool,
     reason: &str,
