@@ -510,22 +510,30 @@ pub fn plan(snapshot: &Snapshot, routes: &[RouteStatus], settings: &Settings, no
             )
         }))
         .collect();
-    for route in routes {
-        let Some(current) = current_routes.get(&(
-            route.kind.as_str(),
-            route.namespace.as_str(),
-            route.name.as_str(),
-        )) else {
-            continue;
+    // Our parents' status for every route we computed one for; a route that has entries of
+    // ours but no longer any parent of ours gets them removed.
+    let ours: BTreeMap<(&str, &str, &str), &Value> = routes
+        .iter()
+        .map(|r| {
+            (
+                (r.kind.as_str(), r.namespace.as_str(), r.name.as_str()),
+                &r.status,
+            )
+        })
+        .collect();
+    let empty = json!({"parents": []});
+    for ((kind, ns, name), current) in &current_routes {
+        let has_ours = current["parents"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["controllerName"] == CONTROLLER_NAME));
+        let new = match ours.get(&(*kind, *ns, *name)) {
+            Some(status) => status,
+            None if has_ours => &empty,
+            None => continue,
         };
-        let new = merge_route_status(&route.status, current);
+        let new = merge_route_status(new, current);
         status(
-            ObjectKey::new(
-                GATEWAY_GROUP,
-                &route.kind,
-                Some(&route.namespace),
-                &route.name,
-            ),
+            ObjectKey::new(GATEWAY_GROUP, kind, Some(ns), name),
             new,
             current.clone(),
         );

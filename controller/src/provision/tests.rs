@@ -209,6 +209,14 @@ fn render_owned_objects() {
         ]
     );
 
+    // What the local cluster's `apply` accepts (typed schemas, host command, selector).
+    let text = objects
+        .iter()
+        .map(|o| serde_json::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    manifest::parse(&text, "rendered").expect("rendered objects pass local cluster validation");
+
     let no_uid = snapshot(&GATEWAY.replace(", uid: gw-uid-1", ""));
     assert!(
         render(gateway(&no_uid), &settings())
@@ -386,6 +394,37 @@ fn route_status_keeps_other_controllers_parents() {
     assert_eq!(
         status["parents"][1]["conditions"][0]["lastTransitionTime"],
         "2026-01-01T00:00:00Z"
+    );
+
+    // The route later loses its waypoint parent: our entry is removed, the other kept.
+    let written = yaml.replace(
+        "status:\n  parents:\n",
+        &format!(
+            "status:\n  parents:\n  - {}\n",
+            serde_json::to_string(&status["parents"][1]).unwrap()
+        ),
+    );
+    let snap = snapshot(&written);
+    let cleanup = super::plan(&snap, &[], &settings(), "2026-01-02T00:00:00Z");
+    let (_, status) = cleanup
+        .statuses
+        .iter()
+        .find(|(k, _)| k.kind == "HTTPRoute")
+        .expect("stale parent removed");
+    let controllers: Vec<&Value> = status["parents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["controllerName"])
+        .collect();
+    assert_eq!(controllers, [&json!("example.com/other")]);
+    // Nothing of ours and nothing computed: routes are left alone.
+    let untouched = super::plan(&snapshot(&yaml), &[], &settings(), "2026-01-02T00:00:00Z");
+    assert!(
+        !untouched
+            .statuses
+            .iter()
+            .any(|(k, _)| k.kind == "HTTPRoute")
     );
 }
 

@@ -508,6 +508,22 @@ impl Ctx<'_> {
     }
 }
 
+/// GRPCRoute precedence (Gateway API GRPCRoute: characters in the matching service, then in
+/// the matching method, then header matches): an exact service+method match first, then any
+/// other method match by the characters it names, then matches without a method.
+fn grpc_precedence(m: &Value) -> (u8, usize) {
+    let method = &m["method"];
+    let service = s(&method["service"]).unwrap_or_default().len();
+    let name = s(&method["method"]).unwrap_or_default().len();
+    let exact = s(&method["type"]).unwrap_or("Exact") == "Exact";
+    if exact && service > 0 && name > 0 {
+        (0, service + name)
+    } else {
+        (1, service + name)
+    }
+}
+
+/// HTTPRoute path precedence (as Istio ranks it): exact, then prefix by length, then regex.
 fn precedence_parts(m: &RouteMatch) -> (u8, usize) {
     match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
         Some(string_match::Kind::Exact(p)) => (0, p.len()),
@@ -575,7 +591,10 @@ pub(crate) fn parse(
             });
         }
         for (j, m) in matches.into_iter().enumerate() {
-            let (path_kind, path_len) = precedence_parts(&m);
+            let (path_kind, path_len) = match kind {
+                Kind::Http => precedence_parts(&m),
+                Kind::Grpc => grpc_precedence(&rule["matches"][j]),
+            };
             let key = Precedence {
                 path_kind,
                 path_len: Reverse(path_len),

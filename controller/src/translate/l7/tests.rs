@@ -641,8 +641,14 @@ spec:
     assert_eq!(by_name(3), Some(Regex(r"/(?:weft\..*)/(?:S.*)".into())));
     assert_eq!(by_name(4), Some(PathPrefix("/".into())));
     assert_eq!(
-        r[0].name, "GRPCRoute/a/g/rule/0/match/0",
-        "exact method first"
+        names(r),
+        [
+            "GRPCRoute/a/g/rule/0/match/0", // exact service + method
+            "GRPCRoute/a/g/rule/0/match/1", // service only: 17 characters
+            "GRPCRoute/a/g/rule/0/match/3", // regex: 10 characters
+            "GRPCRoute/a/g/rule/0/match/2", // method only: 3 characters
+            "GRPCRoute/a/g/rule/0/match/4", // headers only, no method
+        ]
     );
     assert!(
         routes(&out, "echo", 80).is_empty(),
