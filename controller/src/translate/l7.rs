@@ -268,25 +268,49 @@ pub(crate) fn translate_all(
             let pname = parent["name"].as_str().unwrap_or_default().to_owned();
             let port = parent["port"].as_u64().and_then(|p| u32::try_from(p).ok());
             // The services this parent attaches to (and which ports), or why none.
-            let targets: Result<Vec<(String, String)>, String> =
-                if group == Some("") && pkind == Some("Service") {
-                    if !snapshot
-                        .services
-                        .contains_key(&(pns.clone(), pname.clone()))
-                    {
-                        Err(format!("service {pns}/{pname} not found"))
-                    } else if bound.contains_key(&(pns.clone(), pname.clone())) {
-                        Ok(vec![(pns.clone(), pname.clone())])
-                    } else {
-                        Err("service is not bound to a waypoint".to_owned())
-                    }
-                } else if group.is_none_or(|g| g == "gateway.networking.k8s.io")
-                    && pkind.is_none_or(|k| k == "Gateway")
+            // (reason, message) when this parent does not take the route.
+            let targets: Result<Vec<(String, String)>, (&str, String)> = if group == Some("")
+                && pkind == Some("Service")
+            {
+                if pns != *ns {
+                    // A GAMMA consumer route (it should affect only clients in the route's
+                    // namespace): a destination-side waypoint cannot tell, and applying it
+                    // to everyone would let one namespace reroute another's service.
+                    Err((
+                            "UnsupportedValue",
+                            "consumer routes (route and Service in different namespaces) are not supported by waypoints".to_owned(),
+                        ))
+                } else if !snapshot
+                    .services
+                    .contains_key(&(pns.clone(), pname.clone()))
                 {
-                    if waypoints.get(&pns, &pname).is_none() {
-                        // Not a waypoint: another controller's Gateway, not ours to report.
-                        continue;
-                    }
+                    Err((
+                        "NoMatchingParent",
+                        format!("service {pns}/{pname} not found"),
+                    ))
+                } else if bound.contains_key(&(pns.clone(), pname.clone())) {
+                    Ok(vec![(pns.clone(), pname.clone())])
+                } else {
+                    Err((
+                        "NoMatchingParent",
+                        "service is not bound to a waypoint".to_owned(),
+                    ))
+                }
+            } else if group.is_none_or(|g| g == "gateway.networking.k8s.io")
+                && pkind.is_none_or(|k| k == "Gateway")
+            {
+                let Some(waypoint) = waypoints.get(&pns, &pname) else {
+                    // Not a waypoint: another controller's Gateway, not ours to report.
+                    continue;
+                };
+                if !waypoint.admits(ns, &snapshot.namespace_labels(ns)) {
+                    Err((
+                        "NotAllowedByListeners",
+                        format!(
+                            "waypoint {pns}/{pname} does not admit routes from namespace {ns} (allowedRoutes)"
+                        ),
+                    ))
+                } else {
                     Ok(bound
                         .iter()
                         .filter(|(_, ((wns, wname), config))| {
@@ -304,12 +328,16 @@ pub(crate) fn translate_all(
                         })
                         .map(|(k, _)| k.clone())
                         .collect())
-                } else {
-                    continue;
-                };
+                }
+            } else {
+                continue;
+            };
+            // `port` of a Service parent is a service port; of a Gateway parent, a listener port
+            // (every waypoint listener is 15008): it only restricts service ports for Services.
+            let port = port.filter(|_| pkind == Some("Service"));
             let (accepted, resolved) = match &targets {
-                Err(message) => (
-                    condition("Accepted", false, "NoMatchingParent", message, generation),
+                Err((reason, message)) => (
+                    condition("Accepted", false, reason, message, generation),
                     parsed.resolved_condition(generation),
                 ),
                 Ok(_) => (

@@ -68,7 +68,12 @@ impl Waypoint {
         format!("{trust_domain}/ns/{}/sa/{}", self.namespace, self.name)
     }
 
-    fn admits(&self, namespace: &str, namespace_labels: &BTreeMap<String, String>) -> bool {
+    /// Whether `namespace` may bind to (or attach routes to) this waypoint (`allowedRoutes`).
+    pub(crate) fn admits(
+        &self,
+        namespace: &str,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> bool {
         match &self.allowed {
             Allowed::Same => namespace == self.namespace,
             Allowed::All => true,

@@ -160,6 +160,16 @@ fn regex_ok(pattern: &str) -> Result<(), String> {
         .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))
 }
 
+/// A path match: Exact and PathPrefix values must be absolute paths.
+fn path_match(kind: &str, value: &str, field: &str) -> Result<StringMatch, String> {
+    if matches!(kind, "Exact" | "PathPrefix") && !value.starts_with('/') {
+        return Err(format!(
+            "{field}.value: {value:?} does not start with \"/\""
+        ));
+    }
+    string_match(kind, value, field)
+}
+
 fn string_match(kind: &str, value: &str, field: &str) -> Result<StringMatch, String> {
     let kind = match kind {
         "Exact" => string_match::Kind::Exact(value.to_owned()),
@@ -204,7 +214,7 @@ fn escape(text: &str) -> String {
 /// An HTTPRoute match → (RouteMatch, precedence parts).
 fn http_match(m: &Value, field: &str) -> Result<RouteMatch, String> {
     let path = &m["path"];
-    let path = string_match(
+    let path = path_match(
         s(&path["type"]).unwrap_or("PathPrefix"),
         s(&path["value"]).unwrap_or("/"),
         &format!("{field}.path"),

@@ -847,3 +847,67 @@ fn implicit_waypoint_policy_attaches_to_workloads_behind_it() {
     );
     assert!(policies("a", "echo-1").contains(&"a/l7-selector".to_owned()));
 }
+
+#[test]
+fn consumer_routes_cross_namespace_gateways_and_listener_ports() {
+    let out = run(r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: b}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, namespace: a}]
+  rules: [{backendRefs: [{name: lonely, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: from-b, namespace: b}
+spec:
+  parentRefs: [{name: wp, namespace: a}]
+  rules: [{backendRefs: [{name: lonely, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: listener-port, namespace: a}
+spec:
+  parentRefs: [{name: wp, port: 15008, sectionName: mesh}]
+  hostnames: [echo]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: no-slash}}]
+  - backendRefs: [{name: echo, port: 80}]
+"#);
+    let consumer = cond(status(&out, "HTTPRoute", "consumer"), 0, "Accepted").clone();
+    assert_eq!(consumer["status"], "False");
+    assert_eq!(consumer["reason"], "UnsupportedValue");
+    assert!(
+        consumer["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("consumer routes"))
+    );
+    let from_b = cond(status(&out, "HTTPRoute", "from-b"), 0, "Accepted").clone();
+    assert_eq!(from_b["reason"], "NotAllowedByListeners");
+    assert!(
+        !routes(&out, "echo", 80)
+            .iter()
+            .any(|r| r.name.contains("/b/")),
+        "neither reaches a's service"
+    );
+
+    // A Gateway parent's port is the listener's: the route still lands on the service ports;
+    // the short hostname `echo` selects echo only. The rule with a relative path is dropped.
+    assert_eq!(
+        names(routes(&out, "echo", 80)),
+        ["HTTPRoute/a/listener-port/rule/1/match/0"]
+    );
+    assert_eq!(
+        names(routes(&out, "echo", 81)),
+        ["HTTPRoute/a/listener-port/rule/1/match/0"]
+    );
+    assert!(routes(&out, "other", 80).is_empty());
+    let accepted = cond(status(&out, "HTTPRoute", "listener-port"), 0, "Accepted").clone();
+    assert!(
+        accepted["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rule 0: spec.rules[0].matches[0].path.value")),
+        "{accepted}"
+    );
+}
