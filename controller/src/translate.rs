@@ -1,6 +1,7 @@
 //! Translation of Kubernetes objects into Istio's workload xDS resources: pure functions from an
 //! index [`Snapshot`] to the full set of `istio.workload.Address` and
-//! `istio.security.Authorization` resources (istio-ambient reference §3.3–§3.7).
+//! `istio.security.Authorization` resources (istio-ambient reference §3.3–§3.7), plus the
+//! waypoint resources `weft.l7.v1.ServiceConfig`/`Policy` and route status ([`l7`]).
 //!
 //! Each object is translated on its own: a malformed one is reported in [`Output::problems`] and
 //! skipped, and everything else still translates.

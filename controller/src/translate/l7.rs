@@ -10,7 +10,7 @@
 //!
 //! Invalid backends: Gateway API says requests that would have gone to a backendRef that cannot
 //! be resolved (missing Service, unsupported kind) must get HTTP 500, in proportion to its
-//! weight. Weft encodes such a backend as a [`Backend`] with an **empty `hostname`** (weight and
+//! weight. Weft encodes such a backend as a `weft.l7.v1.Backend` with an **empty `hostname`** (weight and
 //! port kept); the waypoint answers 500 whenever it picks one.
 
 mod policy;
