@@ -332,7 +332,7 @@ pub async fn run(
     );
     let writer = match (config.source(), &kube_client) {
         (Source::Files(dir), _) => Some(provision::Writer::Store(weft_k8s::store::Store::new(dir))),
-        (Source::Kubernetes, Some(client)) => Some(provision::Writer::Kube(client.clone())),
+        (Source::Kubernetes, Some(client)) => Some(provision::Writer::kube(client.clone())),
         (Source::Kubernetes, None) => None,
     };
     if let Some(writer) = writer {

@@ -541,7 +541,8 @@ async fn kube_writer_sends_server_side_apply() {
     let snap = snapshot(GATEWAY);
     let mut plan = plan(&snap, &[], &settings(), "2026-01-01T00:00:00Z");
     plan.create.clear();
-    let writer = Writer::Kube(client);
+    let writer = Writer::kube(client);
+    let again = (writer.clone(), plan.clone());
     let task = tokio::spawn(async move { writer.execute(&plan).await });
 
     let mut seen = Vec::new();
@@ -611,5 +612,18 @@ async fn kube_writer_sends_server_side_apply() {
     assert!(
         status_body.get("spec").is_none(),
         "status apply carries status only"
+    );
+
+    // The same plan again: nothing is sent (the mock would hang on a request otherwise).
+    let (writer, plan) = again;
+    let errors = tokio::time::timeout(Duration::from_secs(10), writer.execute(&plan))
+        .await
+        .expect("nothing to send");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), handle.next_request())
+            .await
+            .is_err(),
+        "no request for an unchanged plan"
     );
 }

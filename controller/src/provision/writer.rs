@@ -2,7 +2,8 @@
 //! source reads back) or the Kubernetes API (server-side apply, field manager
 //! [`FIELD_MANAGER`], forced; status through the status subresource).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -47,17 +48,34 @@ pub enum Error {
 /// Where provisioning writes.
 #[derive(Clone)]
 pub enum Writer {
-    /// The local cluster's object store.
+    /// The local cluster's object store (which only writes what changed).
     Store(Store),
     /// The Kubernetes API.
-    Kube(kube::Client),
+    Kube {
+        /// The client.
+        client: kube::Client,
+        /// The last body successfully applied per object (`<key>` or `<key>/status`): an
+        /// identical apply is not sent again. Server-side apply of identical content is a no-op
+        /// on the server, so this only saves requests.
+        applied: Arc<Mutex<HashMap<String, Value>>>,
+    },
+}
+
+impl Writer {
+    /// A writer to the Kubernetes API through `client`.
+    pub fn kube(client: kube::Client) -> Self {
+        Writer::Kube {
+            client,
+            applied: Arc::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Writer::Store(store) => write!(f, "Writer::Store({})", store.dir().display()),
-            Writer::Kube(_) => f.write_str("Writer::Kube"),
+            Writer::Kube { .. } => f.write_str("Writer::Kube"),
         }
     }
 }
@@ -114,45 +132,72 @@ impl Writer {
                     Err(join) => tracing::warn!(error = %join, "object store writer panicked"),
                 }
             }
-            Writer::Kube(client) => {
+            Writer::Kube { client, applied } => {
                 let params = PatchParams::apply(FIELD_MANAGER).force();
+                let unchanged = |id: &str, body: &Value| {
+                    applied
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get(id)
+                        == Some(body)
+                };
+                let remember = |id: String, body: &Value| {
+                    applied
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, body.clone());
+                };
                 for object in plan.create.iter().chain(&plan.apply) {
                     let key = key_of(object);
+                    let id = display(&key);
+                    if unchanged(&id, object) {
+                        continue;
+                    }
                     let result = match Self::api(client, &key) {
                         Ok(api) => api
                             .patch(&key.name, &params, &Patch::Apply(object))
                             .await
                             .map(drop)
                             .map_err(|source| Error::Kube {
-                                key: display(&key),
+                                key: id.clone(),
                                 source: Box::new(source),
                             }),
                         Err(e) => Err(e),
                     };
-                    errors.extend(result.err());
+                    match result {
+                        Ok(()) => remember(id, object),
+                        Err(e) => errors.push(e),
+                    }
                 }
                 for (key, status) in &plan.statuses {
                     let Some(ar) = resource(key) else {
                         errors.push(Error::UnknownKind { key: display(key) });
                         continue;
                     };
+                    let id = format!("{}/status", display(key));
                     let body = json!({
                         "apiVersion": ar.api_version,
                         "kind": key.kind,
                         "status": status,
                     });
+                    if unchanged(&id, &body) {
+                        continue;
+                    }
                     let result = match Self::api(client, key) {
                         Ok(api) => api
                             .patch_status(&key.name, &params, &Patch::Apply(&body))
                             .await
                             .map(drop)
                             .map_err(|source| Error::Kube {
-                                key: display(key),
+                                key: id.clone(),
                                 source: Box::new(source),
                             }),
                         Err(e) => Err(e),
                     };
-                    errors.extend(result.err());
+                    match result {
+                        Ok(()) => remember(id, &body),
+                        Err(e) => errors.push(e),
+                    }
                 }
             }
         }
