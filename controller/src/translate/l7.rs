@@ -84,31 +84,18 @@ pub(crate) fn service_hostname(namespace: &str, name: &str, settings: &Settings)
     format!("{name}.{namespace}.svc.{}", settings.domain_suffix)
 }
 
-/// The L7 protocol of a service port: `appProtocol` (`http`, `http2`, `kubernetes.io/h2c`,
-/// `grpc`, `tcp`), else the port-name prefix (`http-`, `http2-`, `grpc-`, `tcp-`, or the bare
-/// word), else unspecified (the waypoint detects).
+/// The L7 protocol of a service port, from the same `appProtocol` / port-name-prefix reading
+/// the workload translation uses (`http`, `http2`/`kubernetes.io/h2c`, `grpc`, `tcp`; TLS is
+/// opaque to the waypoint, so TCP); anything else is unspecified (the waypoint detects).
 pub fn port_protocol(port: &ServicePort) -> Protocol {
-    let by_word = |w: &str| match w {
-        "http" | "kubernetes.io/http" => Some(Protocol::Http),
-        "http2" | "h2c" | "kubernetes.io/h2c" => Some(Protocol::Http2),
-        "grpc" => Some(Protocol::Grpc),
-        "tcp" => Some(Protocol::Tcp),
-        _ => None,
-    };
-    if let Some(p) = port
-        .app_protocol
-        .as_deref()
-        .and_then(|a| by_word(&a.to_ascii_lowercase()))
-    {
-        return p;
+    use weft_proto::istio::workload::AppProtocol;
+    match super::service::app_protocol(port) {
+        AppProtocol::Http11 => Protocol::Http,
+        AppProtocol::Http2 => Protocol::Http2,
+        AppProtocol::Grpc => Protocol::Grpc,
+        AppProtocol::Tcp | AppProtocol::Tls => Protocol::Tcp,
+        AppProtocol::Unknown => Protocol::Unspecified,
     }
-    let name = port
-        .name
-        .as_deref()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let word = name.split_once('-').map_or(name.as_str(), |(w, _)| w);
-    by_word(word).unwrap_or(Protocol::Unspecified)
 }
 
 /// The skeleton of a bound service's config (no routes yet), reporting bad annotations.
