@@ -195,6 +195,80 @@ fn hostname_matches(pattern: &str, namespace: &str, name: &str, full: &str) -> b
     })
 }
 
+/// Bound services: (service ns, service name) → ((waypoint ns, waypoint name), config).
+type Bound = BTreeMap<(String, String), ((String, String), ServiceConfig)>;
+
+/// The services a parent attaches a route to, or why not (`(status reason, message)`).
+type Attachment = Result<Vec<(String, String)>, (&'static str, String)>;
+
+/// The bound services one parentRef of a route (in namespace `route_ns`) attaches it to, or
+/// why it does not (`(status reason, message)`); `None` when the parent is not this
+/// controller's (a Gateway that is not a waypoint, another kind).
+fn attach(
+    parent: &Value,
+    route_ns: &str,
+    parsed: &route::Parsed,
+    snapshot: &Snapshot,
+    waypoints: &Waypoints,
+    bound: &Bound,
+) -> Option<Attachment> {
+    let parent_ns = parent["namespace"].as_str().unwrap_or(route_ns);
+    let parent_name = parent["name"].as_str().unwrap_or_default();
+    let group = parent["group"].as_str();
+    let kind = parent["kind"].as_str();
+    let key = (parent_ns.to_owned(), parent_name.to_owned());
+    if group == Some("") && kind == Some("Service") {
+        return Some(if parent_ns != route_ns {
+            // A GAMMA consumer route (it should affect only clients in the route's namespace):
+            // a destination-side waypoint cannot tell, and applying it to everyone would let one
+            // namespace reroute another's service.
+            Err((
+                "UnsupportedValue",
+                "consumer routes (route and Service in different namespaces) are not supported by waypoints".to_owned(),
+            ))
+        } else if !snapshot.services.contains_key(&key) {
+            Err((
+                "NoMatchingParent",
+                format!("service {parent_ns}/{parent_name} not found"),
+            ))
+        } else if bound.contains_key(&key) {
+            Ok(vec![key])
+        } else {
+            Err((
+                "NoMatchingParent",
+                "service is not bound to a waypoint".to_owned(),
+            ))
+        });
+    }
+    if !(group.is_none_or(|g| g == "gateway.networking.k8s.io")
+        && kind.is_none_or(|k| k == "Gateway"))
+    {
+        return None;
+    }
+    let waypoint = waypoints.get(parent_ns, parent_name)?;
+    if !waypoint.admits(route_ns, &snapshot.namespace_labels(route_ns)) {
+        return Some(Err((
+            "NotAllowedByListeners",
+            format!(
+                "waypoint {parent_ns}/{parent_name} does not admit routes from namespace {route_ns} (allowedRoutes)"
+            ),
+        )));
+    }
+    // Every service bound to the waypoint, narrowed by the route's hostnames.
+    Some(Ok(bound
+        .iter()
+        .filter(|(_, ((wns, wname), config))| {
+            wns == parent_ns
+                && wname == parent_name
+                && (parsed.hostnames.is_empty()
+                    || parsed.hostnames.iter().any(|h| {
+                        hostname_matches(h, &config.namespace, &config.name, &config.hostname)
+                    }))
+        })
+        .map(|(k, _)| k.clone())
+        .collect()))
+}
+
 /// One translated entry waiting to be placed: the route and its precedence key.
 struct Placed {
     key: route::Precedence,
@@ -210,8 +284,7 @@ pub(crate) fn translate_all(
     services: &Services,
     out: &mut Output,
 ) {
-    // Bound services: (svc ns, svc name) → (waypoint ns, waypoint name, config).
-    let mut bound: BTreeMap<(String, String), ((String, String), ServiceConfig)> = BTreeMap::new();
+    let mut bound = Bound::new();
     for (key, info) in &services.by_name {
         let Some(waypoint) = &info.has_waypoint else {
             continue;
@@ -249,79 +322,16 @@ pub(crate) fn translate_all(
         let generation = meta.generation;
         let mut parents = Vec::new();
         for parent in spec["parentRefs"].as_array().into_iter().flatten() {
-            let group = parent["group"].as_str();
-            let pkind = parent["kind"].as_str();
-            let pns = parent["namespace"].as_str().unwrap_or(ns).to_owned();
-            let pname = parent["name"].as_str().unwrap_or_default().to_owned();
-            let port = parent["port"].as_u64().and_then(|p| u32::try_from(p).ok());
-            // The services this parent attaches to (and which ports), or why none.
-            // (reason, message) when this parent does not take the route.
-            let targets: Result<Vec<(String, String)>, (&str, String)> = if group == Some("")
-                && pkind == Some("Service")
-            {
-                if pns != *ns {
-                    // A GAMMA consumer route (it should affect only clients in the route's
-                    // namespace): a destination-side waypoint cannot tell, and applying it
-                    // to everyone would let one namespace reroute another's service.
-                    Err((
-                            "UnsupportedValue",
-                            "consumer routes (route and Service in different namespaces) are not supported by waypoints".to_owned(),
-                        ))
-                } else if !snapshot
-                    .services
-                    .contains_key(&(pns.clone(), pname.clone()))
-                {
-                    Err((
-                        "NoMatchingParent",
-                        format!("service {pns}/{pname} not found"),
-                    ))
-                } else if bound.contains_key(&(pns.clone(), pname.clone())) {
-                    Ok(vec![(pns.clone(), pname.clone())])
-                } else {
-                    Err((
-                        "NoMatchingParent",
-                        "service is not bound to a waypoint".to_owned(),
-                    ))
-                }
-            } else if group.is_none_or(|g| g == "gateway.networking.k8s.io")
-                && pkind.is_none_or(|k| k == "Gateway")
-            {
-                let Some(waypoint) = waypoints.get(&pns, &pname) else {
-                    // Not a waypoint: another controller's Gateway, not ours to report.
-                    continue;
-                };
-                if !waypoint.admits(ns, &snapshot.namespace_labels(ns)) {
-                    Err((
-                        "NotAllowedByListeners",
-                        format!(
-                            "waypoint {pns}/{pname} does not admit routes from namespace {ns} (allowedRoutes)"
-                        ),
-                    ))
-                } else {
-                    Ok(bound
-                        .iter()
-                        .filter(|(_, ((wns, wname), config))| {
-                            *wns == pns
-                                && *wname == pname
-                                && (parsed.hostnames.is_empty()
-                                    || parsed.hostnames.iter().any(|h| {
-                                        hostname_matches(
-                                            h,
-                                            &config.namespace,
-                                            &config.name,
-                                            &config.hostname,
-                                        )
-                                    }))
-                        })
-                        .map(|(k, _)| k.clone())
-                        .collect())
-                }
-            } else {
+            let Some(targets) = attach(parent, ns, &parsed, snapshot, waypoints, &bound) else {
+                // Not a parent of ours (another controller's Gateway, another kind).
                 continue;
             };
             // `port` of a Service parent is a service port; of a Gateway parent, a listener port
             // (every waypoint listener is 15008): it only restricts service ports for Services.
-            let port = port.filter(|_| pkind == Some("Service"));
+            let port = parent["port"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .filter(|_| parent["kind"] == "Service");
             let (accepted, resolved) = match &targets {
                 Err((reason, message)) => (
                     condition("Accepted", false, reason, message, generation),
