@@ -332,16 +332,11 @@ pub(crate) fn translate_all(
                 .as_u64()
                 .and_then(|p| u32::try_from(p).ok())
                 .filter(|_| parent["kind"] == "Service");
-            let (accepted, resolved) = match &targets {
-                Err((reason, message)) => (
-                    condition("Accepted", false, reason, message, generation),
-                    parsed.resolved_condition(generation),
-                ),
-                Ok(_) => (
-                    parsed.accepted_condition(generation),
-                    parsed.resolved_condition(generation),
-                ),
+            let accepted = match &targets {
+                Err((reason, message)) => condition("Accepted", false, reason, message, generation),
+                Ok(_) => parsed.accepted_condition(generation),
             };
+            let resolved = parsed.resolved_condition(generation);
             // The parentRef is echoed exactly as written (Gateway API matches it by value).
             parents.push(json!({
                 "parentRef": parent,
@@ -373,8 +368,9 @@ pub(crate) fn translate_all(
                 }
             }
         }
-        out.problems.extend(parsed.problems.iter().cloned());
+        // Routes of other controllers' Gateways are not ours to report on.
         if !parents.is_empty() {
+            out.problems.extend(parsed.problems.iter().cloned());
             out.route_statuses.push(RouteStatus {
                 kind: kind.as_str().to_owned(),
                 namespace: ns.clone(),
