@@ -579,7 +579,7 @@ kind: HTTPRoute
 metadata: {name: ingress, namespace: a}
 spec:
   parentRefs: [{name: some-ingress-gateway}]
-  rules: [{backendRefs: [{name: other, port: 80}]}]
+  rules: [{matches: [{path: {type: RegularExpression, value: "("}}], backendRefs: [{name: other, port: 80}]}]
 "#);
     let st = status(&out, "HTTPRoute", "to-lonely");
     let accepted = cond(st, 0, "Accepted");
@@ -604,6 +604,11 @@ spec:
     assert!(
         !out.route_statuses.iter().any(|s| s.name == "ingress"),
         "routes of other Gateways are not ours to report"
+    );
+    assert!(
+        !out.problems.iter().any(|p| p.contains("ingress")),
+        "nor their problems: {:?}",
+        out.problems
     );
 }
 
