@@ -281,8 +281,14 @@ fn pending(snapshot: &Snapshot, ns: &str, name: &str) -> Option<String> {
 
 /// A waypoint Gateway's status: `Accepted` (False, reason `ListenersNotValid`, when there is
 /// no HBONE listener on 15008), `Programmed` (False, reason `Pending`, naming what is missing),
-/// `addresses` (the Service hostname) and one status per listener.
-pub fn gateway_status(gateway: &Gateway, snapshot: &Snapshot, settings: &Settings) -> Value {
+/// `addresses` (the Service hostname) and one status per listener (HBONE listeners count the
+/// `attached_routes` accepted with the Gateway as parent).
+pub fn gateway_status(
+    gateway: &Gateway,
+    snapshot: &Snapshot,
+    settings: &Settings,
+    attached_routes: usize,
+) -> Value {
     let ns = gateway.metadata.namespace.as_deref().unwrap_or("default");
     let name = gateway.metadata.name.as_deref().unwrap_or_default();
     let generation = gateway.metadata.generation;
@@ -328,7 +334,7 @@ pub fn gateway_status(gateway: &Gateway, snapshot: &Snapshot, settings: &Setting
             json!({
                 "name": l["name"],
                 "supportedKinds": [],
-                "attachedRoutes": 0,
+                "attachedRoutes": if ok { attached_routes } else { 0 },
                 "conditions": [
                     if ok {
                         condition("Accepted", true, "Accepted", "listener accepted", generation)
@@ -411,6 +417,27 @@ pub fn stamp(new: &mut Value, old: &Value, now: &str) {
     }
 }
 
+/// How many routes are accepted with waypoint Gateway `namespace/name` as a parent.
+fn attached(routes: &[RouteStatus], namespace: &str, name: &str) -> usize {
+    routes
+        .iter()
+        .filter(|r| {
+            r.status["parents"].as_array().is_some_and(|parents| {
+                parents.iter().any(|p| {
+                    let parent = &p["parentRef"];
+                    parent["kind"].as_str().unwrap_or("Gateway") == "Gateway"
+                        && parent["name"] == name
+                        && parent["namespace"].as_str().unwrap_or(&r.namespace) == namespace
+                        && p["conditions"].as_array().is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c["type"] == "Accepted" && c["status"] == "True")
+                        })
+                })
+            })
+        })
+        .count()
+}
+
 /// A route status merged into the route's current one: other controllers' parents are kept,
 /// ours replaced.
 fn merge_route_status(ours: &Value, current: &Value) -> Value {
@@ -466,7 +493,7 @@ pub fn plan(snapshot: &Snapshot, routes: &[RouteStatus], settings: &Settings, no
             continue;
         }
         plan.live.push((ns.clone(), name.clone()));
-        let new = gateway_status(gateway, snapshot, settings);
+        let new = gateway_status(gateway, snapshot, settings, attached(routes, ns, name));
         let accepted = new["conditions"][0]["status"] == "True";
         let current = gateway
             .status

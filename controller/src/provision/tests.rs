@@ -236,7 +236,7 @@ fn gateway_status_transitions() {
 
     // Nothing provisioned yet.
     let snap = snapshot(GATEWAY);
-    let status = gateway_status(gateway(&snap), &snap, &settings());
+    let status = gateway_status(gateway(&snap), &snap, &settings(), 0);
     assert_eq!(cond(&status, "Accepted")["status"], "True");
     assert_eq!(cond(&status, "Accepted")["observedGeneration"], 2);
     let programmed = cond(&status, "Programmed");
@@ -253,10 +253,11 @@ fn gateway_status_transitions() {
         json!([{"type": "Hostname", "value": "wp.a.svc.cluster.local"}])
     );
     assert_eq!(status["listeners"][0]["name"], "mesh");
+    assert_eq!(status["listeners"][0]["attachedRoutes"], 0);
 
     // Service has an IP, the pod is not ready.
     let snap = snapshot(&format!("{GATEWAY}{service}{}", pod("False")));
-    let status = gateway_status(gateway(&snap), &snap, &settings());
+    let status = gateway_status(gateway(&snap), &snap, &settings(), 0);
     assert_eq!(
         cond(&status, "Programmed")["message"],
         "no waypoint pod is ready"
@@ -264,7 +265,7 @@ fn gateway_status_transitions() {
 
     // Both: programmed.
     let snap = snapshot(&format!("{GATEWAY}{service}{}", pod("True")));
-    let status = gateway_status(gateway(&snap), &snap, &settings());
+    let status = gateway_status(gateway(&snap), &snap, &settings(), 0);
     assert_eq!(cond(&status, "Programmed")["status"], "True");
     assert_eq!(cond(&status, "Programmed")["reason"], "Programmed");
     assert_eq!(
@@ -278,7 +279,7 @@ fn gateway_status_transitions() {
         "[{name: web, port: 80, protocol: HTTP}]",
     );
     let snap = snapshot(&http);
-    let status = gateway_status(gateway(&snap), &snap, &settings());
+    let status = gateway_status(gateway(&snap), &snap, &settings(), 0);
     let accepted = cond(&status, "Accepted");
     assert_eq!(accepted["status"], "False");
     assert_eq!(accepted["reason"], "ListenersNotValid");
@@ -394,6 +395,16 @@ fn route_status_keeps_other_controllers_parents() {
     assert_eq!(
         status["parents"][1]["conditions"][0]["lastTransitionTime"],
         "2026-01-01T00:00:00Z"
+    );
+
+    let (_, gw) = plan
+        .statuses
+        .iter()
+        .find(|(k, _)| k.kind == "Gateway")
+        .unwrap();
+    assert_eq!(
+        gw["listeners"][0]["attachedRoutes"], 1,
+        "the accepted route with the waypoint as parent"
     );
 
     // The route later loses its waypoint parent: our entry is removed, the other kept.
