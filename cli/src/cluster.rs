@@ -373,9 +373,7 @@ impl Cluster {
                 "--serving-dns",
                 "weft-controller.istio-system.svc,localhost",
             ]);
-        if supports_waypoints(&program) {
-            cmd.args(self.waypoint_args());
-        }
+        cmd.args(self.waypoint_args());
         cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -992,17 +990,6 @@ pub fn pod_ready(pod: &Object) -> bool {
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
-/// Whether the controller at `program` takes the waypoint flags (`--waypoint-command`): a
-/// controller built before waypoints existed would refuse to start with them.
-fn supports_waypoints(program: &Path) -> bool {
-    Command::new(program)
-        .arg("--help")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--waypoint-command"))
-}
-
 /// PIDs of runner daemons of this cluster: from the pid file and from a scan of `/proc` (a
 /// killed `up` may not have written the file).
 fn runner_pids(layout: &Layout) -> Vec<i32> {
@@ -1091,25 +1078,6 @@ pub fn run_runner(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn waypoint_flags_go_only_to_a_controller_that_takes_them() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("weft-cp-{}", store::new_uid()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = |name: &str, help: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, format!("#!/bin/sh\necho '{help}'\n")).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            path
-        };
-        let new = script("new", "      --waypoint-command <WAYPOINT_COMMAND>");
-        let old = script("old", "      --files <FILES>");
-        assert!(supports_waypoints(&new));
-        assert!(!supports_waypoints(&old));
-        assert!(!supports_waypoints(&dir.join("missing")));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn the_controller_renders_waypoints_that_reach_the_control_plane() {
