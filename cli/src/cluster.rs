@@ -8,11 +8,13 @@
 //! (kubelet + scheduler + controllers, one daemon per cluster) and [`proxy`] (service VIP rules).
 
 pub mod cni;
+pub mod expansion;
 pub mod layout;
 pub mod netns;
 pub mod network;
 pub mod proxy;
 pub mod runner;
+pub mod token;
 
 use std::os::unix::process::CommandExt;
 
@@ -31,6 +33,11 @@ pub use weft_k8s::{manifest, store};
 
 /// The controller executable the control plane runs.
 pub const CONTROLLER_PROGRAM: &str = "weft-controller";
+/// The waypoint executable the controller names in the waypoint Deployments it renders.
+pub const WAYPOINT_PROGRAM: &str = "waypoint";
+/// The DNS name the control plane's serving certificate carries (node components and
+/// waypoints verify it).
+pub const CONTROL_PLANE_SERVER_NAME: &str = "weft-controller.istio-system.svc";
 /// Port of the control plane's xDS + CA gRPC service.
 pub const CONTROL_PLANE_PORT: u16 = 15012;
 /// Port of the control plane's debug HTTP endpoint.
@@ -365,8 +372,9 @@ impl Cluster {
             .args([
                 "--serving-dns",
                 "weft-controller.istio-system.svc,localhost",
-            ])
-            .stdin(Stdio::null())
+            ]);
+        cmd.args(self.waypoint_args());
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .process_group(0);
@@ -398,6 +406,27 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The controller flags that shape the waypoint Deployments it renders: the program
+    /// (`waypoint`, found by the runner next to `weft` like every container program) and the
+    /// environment the waypoint needs to reach the control plane, in this order after the
+    /// controller's own `POD_NAME`, `POD_NAMESPACE`, `INSTANCE_IP`, `SERVICE_ACCOUNT`,
+    /// `WAYPOINT_NAME` and `TRUST_DOMAIN`: `XDS_ADDRESS`, `XDS_ROOT_CA`, `ALT_XDS_HOSTNAME` and
+    /// `AUTH_TOKEN` (`$(WEFT_SERVICE_ACCOUNT_TOKEN_FILE)`, expanded by the runner to the pod's
+    /// token file).
+    pub fn waypoint_args(&self) -> Vec<String> {
+        let mut args = vec!["--waypoint-command".to_owned(), WAYPOINT_PROGRAM.to_owned()];
+        for env in [
+            format!("XDS_ADDRESS=https://{}", self.control_plane_address()),
+            format!("XDS_ROOT_CA={}", self.root_cert_path().display()),
+            format!("ALT_XDS_HOSTNAME={CONTROL_PLANE_SERVER_NAME}"),
+            format!("AUTH_TOKEN=$({})", token::TOKEN_FILE_ENV),
+        ] {
+            args.push("--waypoint-env".to_owned());
+            args.push(env);
+        }
+        args
     }
 
     fn find_program(&self, name: &str) -> Result<PathBuf, Error> {
@@ -544,7 +573,7 @@ impl Cluster {
                 "--root-cert".into(),
                 s(&self.root_cert_path()),
                 "--server-name".into(),
-                "weft-controller.istio-system.svc".into(),
+                CONTROL_PLANE_SERVER_NAME.into(),
                 "--token".into(),
                 s(&self.node_token_path(node)),
                 "--node-name".into(),
@@ -584,7 +613,7 @@ impl Cluster {
 
     /// The controller's state directory (CA root, bootstrap tokens).
     pub fn controller_state_dir(&self) -> PathBuf {
-        self.layout.state_dir().join("controller")
+        self.layout.controller_state_dir()
     }
 
     /// The control plane's xDS + CA address, as node components dial it.
@@ -885,6 +914,49 @@ impl Cluster {
         )
     }
 
+    /// Runs `weft-echo grpc` in a pod with `call`'s target, method, message, metadata, count
+    /// and per-call timeout; one JSON line per call on stdout (`code`, `status`, `message`,
+    /// `pod`, `method`, `metadata`, or `error`).
+    ///
+    /// # Errors
+    /// As [`Cluster::exec`].
+    pub fn echo_grpc(
+        &self,
+        namespace: &str,
+        pod: &str,
+        call: &crate::echo::GrpcConfig,
+    ) -> Result<Output, Error> {
+        let method = match call.method {
+            crate::echo::GrpcMethod::Echo => "Echo",
+            crate::echo::GrpcMethod::Reverse => "Reverse",
+        };
+        let count = call.count.to_string();
+        let timeout = call.timeout.as_millis().to_string();
+        let headers: Vec<String> = call
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        let mut argv = vec![
+            "weft-echo",
+            "grpc",
+            "--target",
+            &call.target,
+            "--method",
+            method,
+            "--message",
+            &call.message,
+            "--count",
+            &count,
+            "--timeout-ms",
+            &timeout,
+        ];
+        for header in &headers {
+            argv.extend(["-H", header.as_str()]);
+        }
+        self.exec(namespace, pod, &argv)
+    }
+
     /// A container's log (the first container when `container` is `None`).
     ///
     /// # Errors
@@ -1001,4 +1073,41 @@ pub fn run_runner(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
         tick: Duration::from_millis(200),
     };
     runner::run(config, &stop).map_err(|e| Error::Runner(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_controller_renders_waypoints_that_reach_the_control_plane() {
+        let layout = Layout::new("wp", Some(Path::new("/tmp/weft-wp-state"))).unwrap();
+        let cluster = Cluster {
+            store: Store::new(layout.store_dir()),
+            description: Description {
+                name: "wp".into(),
+                nodes: 1,
+                plugin_dirs: Vec::new(),
+                program_dirs: Vec::new(),
+                control_plane: true,
+                mesh: true,
+            },
+            layout,
+        };
+        assert_eq!(
+            cluster.waypoint_args(),
+            [
+                "--waypoint-command",
+                "waypoint",
+                "--waypoint-env",
+                "XDS_ADDRESS=https://10.240.0.2:15012",
+                "--waypoint-env",
+                "XDS_ROOT_CA=/tmp/weft-wp-state/controller/ca/root-cert.pem",
+                "--waypoint-env",
+                "ALT_XDS_HOSTNAME=weft-controller.istio-system.svc",
+                "--waypoint-env",
+                "AUTH_TOKEN=$(WEFT_SERVICE_ACCOUNT_TOKEN_FILE)",
+            ]
+        );
+    }
 }

@@ -3,7 +3,10 @@
 //!
 //! The server ([`bind`], [`serve`]) answers every HTTP/1.1 or h2c request with a JSON [`Echo`] of
 //! what it saw (method, path, headers, the peer address of the TCP connection, …), with
-//! `/status/<code>`, `/delay/<ms>` and `/healthz` as special paths, and runs a TCP echo port that
+//! `/status/<code>`, `/delay/<ms>` and `/healthz` as special paths and the `status`, `delay` and
+//! `fail_every` controls (query parameters or `x-echo-*` headers), serves the gRPC
+//! `weft.echo.v1.Echo` service on the same port (h2c, `content-type: application/grpc`;
+//! [`grpc`] is its client), and runs a TCP echo port that
 //! greets each connection with `<pod> <source>\n`, echoes every byte and half-closes after the
 //! peer does. The clients ([`client`], [`tcp`]) drive those ports and report one [`Exchange`] or
 //! [`TcpExchange`] per request or connection, errors included, so a run never aborts halfway.
@@ -12,14 +15,17 @@
 //! (the cluster runner).
 
 mod client;
+mod grpc;
 mod server;
 
 pub use client::{
     ClientConfig, ClientError, Exchange, Reply, Summary, TcpConfig, TcpExchange, TcpReply, client,
     tcp, tcp_once,
 };
+pub use grpc::{GrpcConfig, GrpcExchange, Method as GrpcMethod, SERVICE as GRPC_SERVICE, grpc};
 pub use server::{
-    DEFAULT_MAX_BODY_BYTES, Echo, PodIdentity, ServeConfig, ServeError, Server, bind, serve,
+    COUNT_HEADER, DEFAULT_MAX_BODY_BYTES, DELAY_PARAM, Echo, FAIL_EVERY_PARAM, PodIdentity,
+    STATUS_PARAM, ServeConfig, ServeError, Server, bind, serve,
 };
 
 /// `err` and each of its sources, joined with `": "`; a source whose text the previous message

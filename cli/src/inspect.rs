@@ -344,8 +344,38 @@ pub fn proxy_status(cluster: &Cluster) -> Result<Report, Error> {
         addr,
         "/debug/connections",
     )?;
+    Ok(proxy_status_report(connections))
+}
+
+/// What kind of proxy an xDS client is, from the types it subscribes to: `waypoint` when it
+/// asks for the L7 types (`weft.l7.v1.ServiceConfig`, `weft.l7.v1.Policy`), `ztunnel` when it
+/// asks for workload addresses or authorizations, else from its node id prefix
+/// (`ztunnel~…`, `waypoint~…`), else `-`.
+pub fn proxy_kind(connection: &Value) -> &'static str {
+    let types = connection["types"].as_object();
+    let has = |url: &str| types.is_some_and(|t| t.contains_key(url));
+    let node_id = connection["node_id"].as_str().unwrap_or_default();
+    if has(weft_proto::L7_SERVICE_TYPE_URL) || has(weft_proto::L7_POLICY_TYPE_URL) {
+        "waypoint"
+    } else if has(weft_proto::ADDRESS_TYPE_URL) || has(weft_proto::AUTHORIZATION_TYPE_URL) {
+        "ztunnel"
+    } else if node_id.starts_with("waypoint~") {
+        "waypoint"
+    } else if node_id.starts_with("ztunnel~") {
+        "ztunnel"
+    } else {
+        "-"
+    }
+}
+
+/// The `weft proxy-status` report from the controller's `/debug/connections` JSON: one row per
+/// client and type URL (PROXY, KIND, CALLER, TYPE, ACKED, SYNC, LAST-NACK); each JSON item
+/// gains a `kind` ([`proxy_kind`]).
+pub fn proxy_status_report(mut connections: Value) -> Report {
     let mut rows = Vec::new();
-    for c in connections.as_array().into_iter().flatten() {
+    for c in connections.as_array_mut().into_iter().flatten() {
+        let kind = proxy_kind(c);
+        c["kind"] = Value::String(kind.to_owned());
         let types = c["types"].as_object().cloned().unwrap_or_default();
         for (type_url, t) in types {
             let short = type_url.rsplit('.').next().unwrap_or(&type_url).to_owned();
@@ -361,6 +391,7 @@ pub fn proxy_status(cluster: &Cluster) -> Result<Report, Error> {
                 .map_or_else(|| "-".to_owned(), str::to_owned);
             rows.push(vec![
                 text(&c["node_id"]),
+                kind.to_owned(),
                 text(&c["caller"]),
                 short,
                 text(&t["acked_resources"]),
@@ -370,11 +401,19 @@ pub fn proxy_status(cluster: &Cluster) -> Result<Report, Error> {
         }
     }
     rows.sort();
-    Ok(Report {
-        header: vec!["PROXY", "CALLER", "TYPE", "ACKED", "SYNC", "LAST-NACK"],
+    Report {
+        header: vec![
+            "PROXY",
+            "KIND",
+            "CALLER",
+            "TYPE",
+            "ACKED",
+            "SYNC",
+            "LAST-NACK",
+        ],
         rows,
         json: connections,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -407,6 +446,50 @@ mod tests {
         assert_eq!(text(&serde_json::json!([])), "-");
         assert_eq!(text(&serde_json::json!(3)), "3");
         assert_eq!(text(&serde_json::json!(true)), "true");
+    }
+
+    #[test]
+    fn proxy_status_tells_waypoints_from_ztunnels() {
+        let connections = serde_json::json!([
+            {
+                "id": 2,
+                "node_id": "waypoint~10.244.1.7~waypoint-abc.app~app.svc.cluster.local",
+                "caller": "app/waypoint",
+                "types": {
+                    "type.googleapis.com/weft.l7.v1.ServiceConfig": {"acked_resources": 2, "in_sync": true, "awaiting_ack": false, "last_nack": null},
+                    "type.googleapis.com/weft.l7.v1.Policy": {"acked_resources": 0, "in_sync": false, "awaiting_ack": true, "last_nack": {"message": "deny-all: bad rule"}},
+                },
+            },
+            {
+                "id": 1,
+                "node_id": "ztunnel~10.240.0.11~ztunnel-node-1.istio-system~istio-system.svc.cluster.local",
+                "caller": "istio-system/ztunnel",
+                "types": {
+                    "type.googleapis.com/istio.workload.Address": {"acked_resources": 9, "in_sync": true},
+                },
+            },
+            {"id": 3, "node_id": "", "caller": "x/y", "types": {}},
+        ]);
+        let report = proxy_status_report(connections);
+        assert_eq!(
+            report.render("table").unwrap(),
+            "\
+PROXY                                                                            KIND       CALLER                 TYPE            ACKED   SYNC                   LAST-NACK
+waypoint~10.244.1.7~waypoint-abc.app~app.svc.cluster.local                       waypoint   app/waypoint           Policy          0       STALE (awaiting ACK)   deny-all: bad rule
+waypoint~10.244.1.7~waypoint-abc.app~app.svc.cluster.local                       waypoint   app/waypoint           ServiceConfig   2       SYNCED                 -
+ztunnel~10.240.0.11~ztunnel-node-1.istio-system~istio-system.svc.cluster.local   ztunnel    istio-system/ztunnel   Address         9       SYNCED                 -
+"
+        );
+        assert_eq!(report.json[0]["kind"], "waypoint");
+        assert_eq!(report.json[1]["kind"], "ztunnel");
+        assert_eq!(report.json[2]["kind"], "-");
+        // Before it subscribes, the node id tells.
+        assert_eq!(
+            proxy_kind(
+                &serde_json::json!({"node_id": "waypoint~1.2.3.4~w.ns~ns.svc.cluster.local"})
+            ),
+            "waypoint"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use weft::cluster::{self, Cluster, Object, Options, Outcome};
-use weft::inspect;
+use weft::{inspect, waypoint};
 
 /// Weft: an ambient service mesh.
 #[derive(Parser, Debug)]
@@ -45,6 +45,12 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Waypoints (Gateways of class istio-waypoint) on the local cluster, like `istioctl
+    /// waypoint`.
+    Waypoint {
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
     /// The guided tour: a 2-node local cluster, L4 mesh adoption step by step (needs root).
     Demo {
         /// `down` removes the demo cluster.
@@ -73,6 +79,110 @@ struct Target {
     /// State directory (default /var/run/weft/clusters/<name>).
     #[arg(long, global = true, env = "WEFT_CLUSTER_STATE_DIR")]
     state_dir: Option<PathBuf>,
+}
+
+/// Cluster selection for commands whose `--name` means something else (a waypoint's name).
+#[derive(clap::Args, Debug, Clone)]
+struct ClusterTarget {
+    /// Cluster name.
+    #[arg(long = "cluster", default_value = "weft", env = "WEFT_CLUSTER")]
+    cluster: String,
+    /// State directory (default /var/run/weft/clusters/<cluster>).
+    #[arg(long, env = "WEFT_CLUSTER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl From<ClusterTarget> for Target {
+    fn from(target: ClusterTarget) -> Self {
+        Target {
+            name: target.cluster,
+            state_dir: target.state_dir,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum WaypointCommand {
+    /// Print the waypoint Gateway YAML (writes nothing).
+    Generate {
+        /// Namespace of the waypoint.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Waypoint name.
+        #[arg(long, default_value = waypoint::DEFAULT_NAME)]
+        name: String,
+        /// Which traffic it handles (label istio.io/waypoint-for; default service).
+        #[arg(long = "for", value_enum)]
+        traffic: Option<waypoint::For>,
+    },
+    /// Create (or with --overwrite replace) the waypoint Gateway in the cluster.
+    Apply {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Namespace of the waypoint.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Waypoint name (`none` is reserved).
+        #[arg(long, default_value = waypoint::DEFAULT_NAME)]
+        name: String,
+        /// Which traffic it handles (label istio.io/waypoint-for; default service).
+        #[arg(long = "for", value_enum)]
+        traffic: Option<waypoint::For>,
+        /// Also label the namespace istio.io/use-waypoint=<name>.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// Replace an existing waypoint of that name.
+        #[arg(long)]
+        overwrite: bool,
+        /// Wait until the controller reports the waypoint Programmed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 60s, 2m).
+        #[arg(long, default_value = "60s", value_parser = weft::duration::parse)]
+        timeout: std::time::Duration,
+    },
+    /// List waypoints: namespace, name, traffic type, Programmed, address.
+    List {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Show waypoints' status conditions (type, status, reason, message).
+    Status {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Only this waypoint (default: every waypoint of the namespace).
+        #[arg(long)]
+        name: Option<String>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Delete waypoints (and the objects the controller made for them).
+    Delete {
+        #[command(flatten)]
+        target: ClusterTarget,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Waypoint names.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        names: Vec<String>,
+        /// Every waypoint of the namespace.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,12 +306,20 @@ fn read_manifests(file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // The demo checks root itself and says what to do.
-    if !cluster::is_root() && !matches!(cli.command, Command::Demo { action: None, .. }) {
+    // The demo checks root itself and says what to do; `waypoint generate` only prints.
+    let needs_root = !matches!(
+        cli.command,
+        Command::Demo { action: None, .. }
+            | Command::Waypoint {
+                command: WaypointCommand::Generate { .. }
+            }
+    );
+    if needs_root && !cluster::is_root() {
         bail!(cluster::Error::NotRoot);
     }
     let command = match cli.command {
         Command::Cluster { command } => command,
+        Command::Waypoint { command } => return run_waypoint(command),
         Command::ZtunnelConfig {
             target,
             section,
@@ -354,6 +472,138 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        WaypointCommand::Generate {
+            namespace,
+            name,
+            traffic,
+        } => {
+            if name == "none" {
+                bail!(waypoint::Error::ReservedName);
+            }
+            print!("{}", waypoint::generate(&namespace, &name, traffic));
+        }
+        WaypointCommand::Apply {
+            target,
+            namespace,
+            name,
+            traffic,
+            enroll_namespace,
+            overwrite,
+            wait,
+            timeout,
+        } => {
+            let cluster = open(&target.into())?;
+            let options = waypoint::ApplyOptions {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                traffic,
+                enroll_namespace,
+                overwrite,
+            };
+            let applied = waypoint::apply(cluster.store(), &options)?;
+            if !applied.namespace_ambient {
+                eprintln!(
+                    "warning: namespace {namespace} is not labelled {}=ambient: its workloads are not in the mesh, so they do not use the waypoint",
+                    waypoint::DATAPLANE_MODE_LABEL
+                );
+            }
+            let verb = match applied.outcome {
+                Outcome::Created => "applied",
+                Outcome::Configured => "configured",
+                Outcome::Unchanged => "unchanged",
+            };
+            println!("waypoint {namespace}/{name} {verb}");
+            if applied.enrolled {
+                println!(
+                    "namespace {namespace} labelled with \"{}: {name}\"",
+                    waypoint::USE_WAYPOINT_LABEL
+                );
+            }
+            if wait {
+                waypoint::wait_programmed(
+                    cluster.store(),
+                    &namespace,
+                    &name,
+                    timeout,
+                    std::time::Duration::from_millis(200),
+                )?;
+                println!("waypoint {namespace}/{name} is programmed");
+            }
+        }
+        WaypointCommand::List {
+            target,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let cluster = open(&target.into())?;
+            let ns = (!all_namespaces).then_some(namespace.as_str());
+            let gateways = waypoint::waypoints(cluster.store(), ns)?;
+            if gateways.is_empty() && output == "table" {
+                match ns {
+                    Some(ns) => println!("no waypoints found in namespace {ns}"),
+                    None => println!("no waypoints found"),
+                }
+            } else {
+                let report = waypoint::list_report(&gateways);
+                print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
+            }
+        }
+        WaypointCommand::Status {
+            target,
+            namespace,
+            name,
+            output,
+        } => {
+            let cluster = open(&target.into())?;
+            let mut gateways = waypoint::waypoints(cluster.store(), Some(&namespace))?;
+            if let Some(name) = &name {
+                gateways.retain(|g| g.name() == name);
+                if gateways.is_empty() {
+                    bail!(waypoint::Error::NotFound {
+                        namespace,
+                        name: name.clone()
+                    });
+                }
+            }
+            if gateways.is_empty() && output == "table" {
+                println!("no waypoints found in namespace {namespace}");
+            } else {
+                let report = waypoint::status_report(&gateways);
+                print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
+            }
+        }
+        WaypointCommand::Delete {
+            target,
+            namespace,
+            names,
+            all,
+        } => {
+            let cluster = open(&target.into())?;
+            let selection = if all {
+                waypoint::Selection::All
+            } else {
+                waypoint::Selection::Names(names)
+            };
+            let mut missing = false;
+            for (key, existed) in waypoint::delete(cluster.store(), &namespace, &selection)? {
+                if existed {
+                    println!("waypoint {namespace}/{} deleted", key.name);
+                } else {
+                    missing = true;
+                    eprintln!("waypoint {namespace}/{} not found", key.name);
+                }
+            }
+            if missing {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn kind_of(kind: &str) -> anyhow::Result<(&'static str, &'static str)> {
     Ok(match kind.to_ascii_lowercase().as_str() {
         "pods" | "pod" | "po" => ("", "Pod"),
@@ -473,4 +723,66 @@ fn print_objects(
     }
     print!("{}", inspect::render_table(&header, &rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn waypoint_commands_take_istioctl_flags_and_select_the_cluster_with_cluster() {
+        let cli = Cli::try_parse_from([
+            "weft",
+            "waypoint",
+            "apply",
+            "-n",
+            "app",
+            "--name",
+            "wp",
+            "--for",
+            "workload",
+            "--enroll-namespace",
+            "--wait",
+            "--timeout",
+            "2m",
+            "--cluster",
+            "e2e",
+        ])
+        .unwrap();
+        let Command::Waypoint {
+            command:
+                WaypointCommand::Apply {
+                    target,
+                    namespace,
+                    name,
+                    traffic,
+                    enroll_namespace,
+                    overwrite,
+                    wait,
+                    timeout,
+                },
+        } = cli.command
+        else {
+            panic!("not waypoint apply");
+        };
+        assert_eq!(target.cluster, "e2e");
+        assert_eq!((namespace.as_str(), name.as_str()), ("app", "wp"));
+        assert_eq!(traffic, Some(waypoint::For::Workload));
+        assert!(enroll_namespace && wait && !overwrite);
+        assert_eq!(timeout, std::time::Duration::from_secs(120));
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete", "--all", "wp"]).is_err());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "delete", "-n", "app", "a", "b"]).is_ok());
+        assert!(Cli::try_parse_from(["weft", "waypoint", "list", "-A"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["weft", "waypoint", "status", "--name", "wp", "-o", "json"])
+                .is_ok()
+        );
+    }
 }

@@ -11,11 +11,15 @@ use tracing::{Instrument, info, info_span, warn};
 use weft_core::ca::Signer;
 use weft_k8s::{Index, files};
 use weft_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
-use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use weft_proto::type_url::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL,
+};
 
-use crate::auth::{Authenticator, BootstrapTokens, TokenReviewer};
+use crate::auth::{Authenticator, BootstrapTokens, LocalTokens, PodTokens, TokenReviewer};
 use crate::ca::{self, CaService};
 use crate::config::{Config, Source};
+use crate::provision;
+use crate::translate::l7::RouteStatus;
 use crate::translate::{self, Output};
 use crate::xds;
 
@@ -48,7 +52,25 @@ pub enum Error {
     NodeAccount(String),
 }
 
-/// Publishes a translation into the cache (both types), returning whether anything changed.
+/// `name → message` as cache resources of `type_url`.
+fn resources<'a, M: Message + 'a>(
+    type_url: &str,
+    items: impl Iterator<Item = (&'a String, &'a M)>,
+) -> Vec<xds::Resource> {
+    items
+        .map(|(name, m)| xds::Resource {
+            name: name.clone(),
+            aliases: Vec::new(),
+            body: prost_types::Any {
+                type_url: type_url.to_owned(),
+                value: m.encode_to_vec(),
+            },
+        })
+        .collect()
+}
+
+/// Publishes a translation into the cache (workload addresses and authorizations, waypoint
+/// service configs and policies), returning whether anything changed.
 pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
     let addresses = out
         .addresses
@@ -62,21 +84,22 @@ pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
             },
         })
         .collect();
-    let authorizations = out
-        .authorizations
-        .iter()
-        .map(|(name, a)| xds::Resource {
-            name: name.clone(),
-            aliases: Vec::new(),
-            body: prost_types::Any {
-                type_url: AUTHORIZATION_TYPE_URL.to_owned(),
-                value: a.encode_to_vec(),
-            },
-        })
-        .collect();
-    let a = cache.set(ADDRESS_TYPE_URL, addresses);
-    let b = cache.set(AUTHORIZATION_TYPE_URL, authorizations);
-    a.changed + a.removed + b.changed + b.removed > 0
+    let outcomes = [
+        cache.set(ADDRESS_TYPE_URL, addresses),
+        cache.set(
+            AUTHORIZATION_TYPE_URL,
+            resources(AUTHORIZATION_TYPE_URL, out.authorizations.iter()),
+        ),
+        cache.set(
+            L7_SERVICE_TYPE_URL,
+            resources(L7_SERVICE_TYPE_URL, out.l7_services.iter()),
+        ),
+        cache.set(
+            L7_POLICY_TYPE_URL,
+            resources(L7_POLICY_TYPE_URL, out.l7_policies.iter()),
+        ),
+    ];
+    outcomes.iter().any(|o| o.changed + o.removed > 0)
 }
 
 /// Translates on every index change, at most once per `debounce`, and publishes.
@@ -86,6 +109,18 @@ pub async fn translation_loop(
     settings: translate::Settings,
     debounce: std::time::Duration,
 ) {
+    translation_loop_with_routes(index, cache, settings, debounce, None).await;
+}
+
+/// [`translation_loop`], also handing every translation's route statuses to `routes` (read by
+/// [`provision_loop`]).
+pub async fn translation_loop_with_routes(
+    index: Arc<Index>,
+    cache: Arc<xds::Cache>,
+    settings: translate::Settings,
+    debounce: std::time::Duration,
+    routes: Option<tokio::sync::watch::Sender<Vec<RouteStatus>>>,
+) {
     let mut changes = index.changes();
     let mut reported: Vec<String> = Vec::new();
     loop {
@@ -93,6 +128,15 @@ pub async fn translation_loop(
         let started = std::time::Instant::now();
         let out = translate::translate(&snapshot, &settings);
         let changed = publish(&cache, &out);
+        if let Some(routes) = &routes {
+            routes.send_if_modified(|current| {
+                let modified = *current != out.route_statuses;
+                if modified {
+                    current.clone_from(&out.route_statuses);
+                }
+                modified
+            });
+        }
         if out.problems != reported {
             for problem in out.problems.iter().filter(|p| !reported.contains(p)) {
                 warn!(problem = %problem, "object skipped");
@@ -103,12 +147,58 @@ pub async fn translation_loop(
             revision = snapshot.revision,
             addresses = out.addresses.len(),
             authorizations = out.authorizations.len(),
+            l7_services = out.l7_services.len(),
+            l7_policies = out.l7_policies.len(),
             changed,
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "translated"
         );
         if changes.changed().await.is_err() {
             return;
+        }
+        tokio::time::sleep(debounce).await;
+        changes.borrow_and_update();
+    }
+}
+
+/// An error with its causes, `outer: inner: …`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Provisions waypoints and writes Gateway, GatewayClass and route status on every index or
+/// route-status change, at most once per `debounce` (see [`provision`]).
+pub async fn provision_loop(
+    index: Arc<Index>,
+    writer: provision::Writer,
+    settings: provision::Settings,
+    mut routes: tokio::sync::watch::Receiver<Vec<RouteStatus>>,
+    debounce: std::time::Duration,
+) {
+    let mut changes = index.changes();
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        let snapshot = index.snapshot();
+        let statuses = routes.borrow_and_update().clone();
+        let plan = provision::plan(&snapshot, &statuses, &settings, &provision::now());
+        let mut problems = plan.problems.clone();
+        for error in writer.execute(&plan).await {
+            problems.push(error_chain(&error));
+        }
+        for problem in problems.iter().filter(|p| !reported.contains(p)) {
+            warn!(problem = %problem, "provisioning problem");
+        }
+        reported = problems;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            changed = routes.changed() => if changed.is_err() { return },
         }
         tokio::time::sleep(debounce).await;
         changes.borrow_and_update();
@@ -190,7 +280,10 @@ pub async fn run(
                     config.token_dir().display()
                 )))?;
             info!(nodes = ?nodes, dir = %config.token_dir().display(), "bootstrap tokens ready");
-            Arc::new(tokens)
+            Arc::new(LocalTokens {
+                nodes: tokens,
+                pods: PodTokens::new(config.pod_token_dir()),
+            })
         }
         Source::Kubernetes => {
             let client = match &kube_client {
@@ -226,10 +319,42 @@ pub async fn run(
         network: config.network.clone(),
         ..translate::Settings::default()
     };
+    let (routes_tx, routes_rx) = tokio::sync::watch::channel(Vec::new());
     tokio::spawn(
-        translation_loop(index.clone(), cache.clone(), settings, config.debounce)
-            .instrument(info_span!("translate")),
+        translation_loop_with_routes(
+            index.clone(),
+            cache.clone(),
+            settings,
+            config.debounce,
+            Some(routes_tx),
+        )
+        .instrument(info_span!("translate")),
     );
+    let writer = match (config.source(), &kube_client) {
+        (Source::Files(dir), _) => Some(provision::Writer::Store(weft_k8s::store::Store::new(dir))),
+        (Source::Kubernetes, Some(client)) => Some(provision::Writer::kube(client.clone())),
+        (Source::Kubernetes, None) => None,
+    };
+    if let Some(writer) = writer {
+        let provision_settings = provision::Settings {
+            command: config.waypoint_command.clone(),
+            image: config.waypoint_image.clone(),
+            env: config.waypoint_env.clone(),
+            trust_domain: config.trust_domain.clone(),
+            kubernetes: config.source() == Source::Kubernetes,
+            ..provision::Settings::default()
+        };
+        tokio::spawn(
+            provision_loop(
+                index.clone(),
+                writer,
+                provision_settings,
+                routes_rx,
+                config.debounce,
+            )
+            .instrument(info_span!("provision")),
+        );
+    }
 
     let debug = TcpListener::bind(config.debug_listen)
         .await

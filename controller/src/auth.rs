@@ -159,6 +159,106 @@ impl Authenticator for BootstrapTokens {
     }
 }
 
+/// The local cluster's per-pod tokens: the cluster runner registers each pod's token as
+/// `<dir>/<lowercase hex SHA-256 of the token>.json` holding
+/// `{"namespace", "serviceAccount", "pod", "uid", "node"}` and removes the file when the pod
+/// stops. A token authenticates as that pod's service account, on its node; it carries no
+/// impersonation rights (the CA signs only the caller's own identity for it).
+#[derive(Debug, Clone)]
+pub struct PodTokens {
+    dir: std::path::PathBuf,
+}
+
+/// What the runner writes for a pod token.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodTokenFile {
+    namespace: String,
+    service_account: String,
+    pod: String,
+    node: String,
+    #[allow(dead_code)]
+    #[serde(default)]
+    uid: String,
+}
+
+impl PodTokens {
+    /// Pod tokens registered under `dir` (`<controller state dir>/tokens/pods`).
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        PodTokens { dir: dir.into() }
+    }
+
+    /// The file a token is registered in: `<dir>/<hex sha256(token)>.json`.
+    pub fn path_for(&self, token: &str) -> std::path::PathBuf {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(token.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{hex}.json"))
+    }
+
+    fn lookup(&self, token: &str) -> Result<Caller, AuthError> {
+        let path = self.path_for(token);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AuthError::Invalid("unknown token".into()));
+            }
+            Err(err) => {
+                return Err(AuthError::Unavailable(format!(
+                    "reading {}: {err}",
+                    path.display()
+                )));
+            }
+        };
+        let file: PodTokenFile = serde_json::from_slice(&text)
+            .map_err(|e| AuthError::Invalid(format!("pod token file {}: {e}", path.display())))?;
+        if file.namespace.is_empty() || file.service_account.is_empty() {
+            return Err(AuthError::Invalid(format!(
+                "pod token file {}: empty namespace or serviceAccount",
+                path.display()
+            )));
+        }
+        Ok(Caller {
+            namespace: file.namespace,
+            service_account: file.service_account,
+            node: Some(file.node),
+            pod: Some(file.pod),
+        })
+    }
+}
+
+impl Authenticator for PodTokens {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>> {
+        Box::pin(async move { self.lookup(token) })
+    }
+}
+
+/// The local cluster's authenticator: node bootstrap tokens first, then pod tokens.
+#[derive(Debug, Clone)]
+pub struct LocalTokens {
+    /// Per-node tokens of the node proxies.
+    pub nodes: BootstrapTokens,
+    /// Per-pod tokens registered by the cluster runner.
+    pub pods: PodTokens,
+}
+
+impl Authenticator for LocalTokens {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.nodes.authenticate(token).await {
+                Ok(caller) => Ok(caller),
+                Err(_) => self.pods.authenticate(token).await,
+            }
+        })
+    }
+}
+
 /// Kubernetes authentication: the token is reviewed with the TokenReview API (audience
 /// `istio-ca` by default); the caller's node comes from the bound token's node claim, else from
 /// its pod in the index.
@@ -298,6 +398,86 @@ mod tests {
         ));
         md.insert("authorization", format!("Bearer {t1}").parse().unwrap());
         assert!(authenticate_metadata(&tokens, &md).await.is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn pod_tokens_authenticate_from_registered_files() {
+        let dir = std::env::temp_dir().join(format!("weft-pod-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pods")).unwrap();
+        let pods = PodTokens::new(dir.join("pods"));
+        let token = "pod-secret-token";
+        // The runner's naming: lowercase hex SHA-256 of the token.
+        let path = pods.path_for(token);
+        assert_eq!(path.parent(), Some(dir.join("pods").as_path()));
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name.len(), 64 + 5);
+        assert!(
+            name[..64]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        use sha2::Digest;
+        let hex: String = sha2::Sha256::digest(token)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(name, format!("{hex}.json"));
+
+        assert!(matches!(
+            pods.authenticate(token).await,
+            Err(AuthError::Invalid(_))
+        ));
+        std::fs::write(
+            &path,
+            r#"{"namespace":"a","serviceAccount":"wp","pod":"wp-7d9f","uid":"u-1","node":"node-2"}"#,
+        )
+        .unwrap();
+        let caller = pods.authenticate(token).await.unwrap();
+        assert_eq!(
+            caller,
+            Caller {
+                namespace: "a".into(),
+                service_account: "wp".into(),
+                node: Some("node-2".into()),
+                pod: Some("wp-7d9f".into()),
+            }
+        );
+
+        // Combined with node tokens: both kinds work, unknown tokens do not.
+        let mut nodes = BootstrapTokens::default();
+        nodes.insert(
+            "node-token",
+            Caller {
+                namespace: "istio-system".into(),
+                service_account: "ztunnel".into(),
+                node: Some("node-1".into()),
+                pod: None,
+            },
+        );
+        let local = LocalTokens { nodes, pods };
+        assert_eq!(
+            local
+                .authenticate("node-token")
+                .await
+                .unwrap()
+                .service_account,
+            "ztunnel"
+        );
+        assert_eq!(
+            local.authenticate(token).await.unwrap().service_account,
+            "wp"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(local.authenticate(token).await, Err(AuthError::Invalid(_))),
+            "removed when the pod stops"
+        );
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(
+            matches!(local.authenticate(token).await, Err(AuthError::Invalid(m)) if m.contains("pod token file"))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

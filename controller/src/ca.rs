@@ -308,3 +308,80 @@ pub async fn publish_root(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::auth::{Caller, PodTokens};
+
+    fn service() -> CaService {
+        let signer =
+            Arc::new(Signer::generate_root("cluster.local", ca::Config::default()).unwrap());
+        let index = Index::new();
+        let objects = weft_k8s::manifest::parse_documents(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: echo-1, namespace: b}\nspec: {nodeName: node-1, serviceAccountName: echo, containers: [{name: c, image: x}]}\n",
+            "t",
+        )
+        .unwrap();
+        index.batch(
+            objects
+                .iter()
+                .filter_map(|o| weft_k8s::Resource::from_object(o).unwrap())
+                .collect(),
+            &[],
+        );
+        CaService::new(
+            signer,
+            Arc::new(PodTokens::new("/nonexistent")),
+            index,
+            Config::default(),
+        )
+    }
+
+    #[test]
+    fn pod_token_callers_get_their_own_identity_and_cannot_impersonate() {
+        let ca = service();
+        // What PodTokens yields for a waypoint pod.
+        let waypoint = Caller {
+            namespace: "a".into(),
+            service_account: "wp".into(),
+            node: Some("node-1".into()),
+            pod: Some("wp-7d9f".into()),
+        };
+        assert_eq!(
+            ca.identity_for(&waypoint, None).unwrap().to_string(),
+            "spiffe://cluster.local/ns/a/sa/wp"
+        );
+        let refused = ca
+            .identity_for(&waypoint, Some("spiffe://cluster.local/ns/b/sa/echo"))
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused.message().contains("may not impersonate"),
+            "{refused:?}"
+        );
+
+        // Node accounts keep impersonation rights for pods on their node.
+        let ztunnel = Caller {
+            namespace: "istio-system".into(),
+            service_account: "ztunnel".into(),
+            node: Some("node-1".into()),
+            pod: None,
+        };
+        assert_eq!(
+            ca.identity_for(&ztunnel, Some("spiffe://cluster.local/ns/b/sa/echo"))
+                .unwrap()
+                .to_string(),
+            "spiffe://cluster.local/ns/b/sa/echo"
+        );
+        let elsewhere = Caller {
+            node: Some("node-2".into()),
+            ..ztunnel
+        };
+        assert!(
+            ca.identity_for(&elsewhere, Some("spiffe://cluster.local/ns/b/sa/echo"))
+                .is_err()
+        );
+    }
+}

@@ -35,6 +35,19 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
+/// Parses a `KEY=VALUE` environment entry (the key must be non-empty).
+///
+/// # Errors
+/// A message naming the bad entry.
+pub fn parse_env_entry(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
 /// Everything the controller is configured with.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "weft-controller", version, about = "Weft's control plane")]
@@ -122,6 +135,29 @@ pub struct Config {
     /// Longest workload certificate validity (e.g. `24h`).
     #[arg(long, env = "WEFT_CONTROLLER_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub max_cert_ttl: Duration,
+    /// Command of the waypoint container in provisioned waypoint Deployments.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_WAYPOINT_COMMAND",
+        default_value = "waypoint"
+    )]
+    pub waypoint_command: String,
+    /// Image of the waypoint container in provisioned waypoint Deployments.
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_WAYPOINT_IMAGE",
+        default_value = "ghcr.io/weft-mesh/waypoint:latest"
+    )]
+    pub waypoint_image: String,
+    /// Extra `KEY=VALUE` environment of the waypoint container, after Weft's own, in order
+    /// (repeatable; in the environment variable, one entry per line).
+    #[arg(
+        long = "waypoint-env",
+        env = "WEFT_CONTROLLER_WAYPOINT_ENV",
+        value_delimiter = '\n',
+        value_parser = parse_env_entry
+    )]
+    pub waypoint_env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -136,6 +172,12 @@ impl Config {
     /// Where bootstrap tokens live (files source).
     pub fn token_dir(&self) -> PathBuf {
         self.state_dir.join("tokens")
+    }
+
+    /// Where the local cluster runner registers pod tokens (files source):
+    /// `<state dir>/tokens/pods/<hex sha256(token)>.json`.
+    pub fn pod_token_dir(&self) -> PathBuf {
+        self.token_dir().join("pods")
     }
 
     /// Where the CA root lives.
@@ -166,5 +208,43 @@ mod tests {
             err.to_string().contains("nope") || err.to_string().contains("\"x\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn waypoint_flags() {
+        let config = Config::try_parse_from(["weft-controller"]).unwrap();
+        assert_eq!(config.waypoint_command, "waypoint");
+        assert_eq!(config.waypoint_image, "ghcr.io/weft-mesh/waypoint:latest");
+        assert!(config.waypoint_env.is_empty());
+        let config = Config::try_parse_from([
+            "weft-controller",
+            "--waypoint-command",
+            "/bin/wp",
+            "--waypoint-env",
+            "XDS_ADDRESS=https://10.0.0.1:15012",
+            "--waypoint-env",
+            "AUTH_TOKEN=$(WEFT_SERVICE_ACCOUNT_TOKEN_FILE)",
+            "--waypoint-env",
+            "EMPTY=",
+        ])
+        .unwrap();
+        assert_eq!(config.waypoint_command, "/bin/wp");
+        assert_eq!(
+            config.waypoint_env,
+            [
+                (
+                    "XDS_ADDRESS".to_owned(),
+                    "https://10.0.0.1:15012".to_owned()
+                ),
+                (
+                    "AUTH_TOKEN".to_owned(),
+                    "$(WEFT_SERVICE_ACCOUNT_TOKEN_FILE)".to_owned()
+                ),
+                ("EMPTY".to_owned(), String::new()),
+            ]
+        );
+        let err =
+            Config::try_parse_from(["weft-controller", "--waypoint-env", "NOVALUE"]).unwrap_err();
+        assert!(err.to_string().contains("NOVALUE"), "{err}");
     }
 }

@@ -1,11 +1,13 @@
 //! Translation of Kubernetes objects into Istio's workload xDS resources: pure functions from an
 //! index [`Snapshot`] to the full set of `istio.workload.Address` and
-//! `istio.security.Authorization` resources (istio-ambient reference §3.3–§3.7).
+//! `istio.security.Authorization` resources (istio-ambient reference §3.3–§3.7), plus the
+//! waypoint resources `weft.l7.v1.ServiceConfig`/`Policy` and route status ([`l7`]).
 //!
 //! Each object is translated on its own: a malformed one is reported in [`Output::problems`] and
 //! skipped, and everything else still translates.
 
 pub mod authz;
+pub mod l7;
 mod service;
 mod waypoint;
 mod workload;
@@ -15,6 +17,7 @@ use std::collections::BTreeMap;
 use weft_k8s::Snapshot;
 use weft_proto::istio::security::Authorization;
 use weft_proto::istio::workload::Address;
+use weft_proto::weft::l7::v1::{Policy, ServiceConfig};
 
 pub use waypoint::{WAYPOINT_HBONE_PORT, Waypoint};
 pub use workload::workload_uid;
@@ -80,6 +83,14 @@ pub struct Output {
     pub addresses: BTreeMap<String, AddressResource>,
     /// Authorizations by `namespace/name`.
     pub authorizations: BTreeMap<String, Authorization>,
+    /// Waypoint service configs by resource name
+    /// `<waypoint-ns>/<waypoint-name>/<service-ns>/<service-name>`.
+    pub l7_services: BTreeMap<String, ServiceConfig>,
+    /// Waypoint authorization policies by resource name
+    /// `<waypoint-ns>/<waypoint-name>/<policy-ns>/<policy-name>`.
+    pub l7_policies: BTreeMap<String, Policy>,
+    /// Status of every HTTPRoute/GRPCRoute with a parent this controller owns.
+    pub route_statuses: Vec<l7::RouteStatus>,
     /// Objects that could not be translated, one line each (object, field, reason).
     pub problems: Vec<String>,
 }
@@ -133,6 +144,7 @@ pub fn translate(snapshot: &Snapshot, settings: &Settings) -> Output {
         &selector_policies,
         &mut out,
     );
+    l7::translate_all(snapshot, settings, &waypoints, &services, &mut out);
     out
 }
 

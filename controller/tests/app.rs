@@ -440,3 +440,171 @@ async fn the_core_ca_client_and_certificate_manager_work_against_the_controller(
     assert!(manager.current(&nobody).is_none());
     controller.stop().await;
 }
+
+/// Polls the store until `check` holds.
+async fn store_eventually(
+    what: &str,
+    store: &weft_k8s::store::Store,
+    check: impl Fn(&weft_k8s::store::Store) -> bool,
+) {
+    within(what, async {
+        while !check(store) {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_is_provisioned_and_served_its_own_config_with_a_pod_token() {
+    use sha2::Digest;
+    use weft_k8s::manifest::{ObjectKey, parse};
+    use weft_k8s::store::Store;
+    use weft_proto::type_url::L7_SERVICE_TYPE_URL;
+    use weft_proto::weft::l7::v1::ServiceConfig;
+
+    let dir = tmp("waypoint");
+    let store = Store::new(dir.join("store"));
+    store
+        .apply(
+            &parse(
+                r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: a}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: a}
+spec: {selector: {app: echo}, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: a}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /v2}}], backendRefs: [{name: echo, port: 80}]}]
+"#,
+                "fixture",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let controller = Controller::start(&dir).await;
+
+    // Provisioned into the store, owner-referenced to the Gateway; status written back.
+    let deployment = ObjectKey::new("apps", "Deployment", Some("a"), "wp");
+    store_eventually("deployment rendered", &store, |s| {
+        s.get(&deployment).unwrap().is_some()
+    })
+    .await;
+    let gateway = ObjectKey::new("gateway.networking.k8s.io", "Gateway", Some("a"), "wp");
+    let gateway_uid = store.get(&gateway).unwrap().unwrap().0["metadata"]["uid"].clone();
+    let stored = store.get(&deployment).unwrap().unwrap();
+    assert_eq!(
+        stored.0["metadata"]["ownerReferences"][0]["uid"],
+        gateway_uid
+    );
+    store_eventually("gateway status", &store, |s| {
+        let status = &s.get(&gateway).unwrap().unwrap().0["status"];
+        status["addresses"][0]["value"] == "wp.a.svc.cluster.local"
+            && status["conditions"][1]["reason"] == "Pending"
+    })
+    .await;
+    let route = ObjectKey::new("gateway.networking.k8s.io", "HTTPRoute", Some("a"), "echo");
+    store_eventually("route status", &store, |s| {
+        let status = &s.get(&route).unwrap().unwrap().0["status"];
+        status["parents"][0]["controllerName"] == "istio.io/mesh-controller"
+            && status["parents"][0]["conditions"][0]["status"] == "True"
+    })
+    .await;
+
+    // The runner registers the waypoint pod's token.
+    let token = "waypoint-pod-token";
+    let digest: String = sha2::Sha256::digest(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::create_dir_all(controller.state.join("tokens/pods")).unwrap();
+    std::fs::write(
+        controller.state.join(format!("tokens/pods/{digest}.json")),
+        r#"{"namespace":"a","serviceAccount":"wp","pod":"wp-1","uid":"u","node":"node-1"}"#,
+    )
+    .unwrap();
+
+    // Its own certificate, no impersonation.
+    let mut ca = IstioCertificateServiceClient::new(controller.channel().await);
+    let wp = SpiffeId::new("cluster.local", "a", "wp").unwrap();
+    let (request, key) = csr_request(&wp, false);
+    let response = within("sign", ca.create_certificate(with_token(request, token)))
+        .await
+        .unwrap()
+        .into_inner();
+    WorkloadCertificate::from_pem_chain(&response.cert_chain, &key, Some(&wp)).unwrap();
+
+    // Its own ServiceConfig over ADS.
+    let mut ads = AggregatedDiscoveryServiceClient::new(controller.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "waypoint~10.244.0.9~wp-1.a~a.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        type_url: L7_SERVICE_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = within(
+        "stream",
+        ads.delta_aggregated_resources(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        )),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let first = within("l7 services", responses.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.resources.len(), 1, "{first:?}");
+    assert_eq!(first.resources[0].name, "a/wp/a/echo");
+    let config = ServiceConfig::decode(
+        first.resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(config.hostname, "echo.a.svc.cluster.local");
+    assert_eq!(
+        config.ports[0].routes[0].name,
+        "HTTPRoute/a/echo/rule/0/match/0"
+    );
+
+    // The Gateway goes away: its objects are deleted from the store.
+    store.delete(&[gateway]).unwrap();
+    store_eventually("owned objects deleted", &store, |s| {
+        s.get(&deployment).unwrap().is_none()
+            && s.get(&ObjectKey::new("", "Service", Some("a"), "wp"))
+                .unwrap()
+                .is_none()
+    })
+    .await;
+    controller.stop().await;
+}

@@ -663,3 +663,102 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
 }
+
+fn l7(type_url: &str, name: &str) -> Resource {
+    Resource {
+        name: name.to_owned(),
+        aliases: vec![],
+        body: prost_types::Any {
+            type_url: type_url.to_owned(),
+            value: name.as_bytes().to_vec(),
+        },
+    }
+}
+
+#[tokio::test]
+async fn waypoint_streams_only_see_their_own_l7_resources() {
+    use weft_proto::type_url::{L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL};
+    let cache = Cache::new();
+    let registry = Registry::new();
+    let mut tokens = BootstrapTokens::default();
+    let caller = |ns: &str, sa: &str| Caller {
+        namespace: ns.into(),
+        service_account: sa.into(),
+        node: Some("node-1".into()),
+        pod: Some(format!("{sa}-pod")),
+    };
+    tokens.insert("wp-token", caller("a", "wp"));
+    tokens.insert("ztunnel-token", caller("istio-system", "ztunnel"));
+    let server = Server::new(cache.clone(), registry, Arc::new(tokens));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server.service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    cache.set(
+        L7_SERVICE_TYPE_URL,
+        vec![
+            l7(L7_SERVICE_TYPE_URL, "a/wp/a/echo"),
+            l7(L7_SERVICE_TYPE_URL, "a/wp/b/cross"),
+            l7(L7_SERVICE_TYPE_URL, "a/wp2/a/echo"),
+            l7(L7_SERVICE_TYPE_URL, "b/wp/b/x"),
+        ],
+    );
+    cache.set(
+        L7_POLICY_TYPE_URL,
+        vec![
+            l7(L7_POLICY_TYPE_URL, "a/wp/a/deny"),
+            l7(L7_POLICY_TYPE_URL, "a/wpx/a/deny"),
+        ],
+    );
+    cache.set(ADDRESS_TYPE_URL, initial_set());
+
+    let mut wp = open(addr, Some("wp-token")).await.unwrap();
+    wp.send(initial(L7_SERVICE_TYPE_URL, &[], &[])).await;
+    let services = wp.recv("waypoint services").await;
+    assert_eq!(names(&services), ["a/wp/a/echo", "a/wp/b/cross"]);
+    wp.ack(&services).await;
+    wp.send(initial(L7_POLICY_TYPE_URL, &[], &[])).await;
+    let policies = wp.recv("waypoint policies").await;
+    assert_eq!(names(&policies), ["a/wp/a/deny"], "a/wpx/ is not a/wp/");
+    wp.ack(&policies).await;
+    // Workload addresses are not scoped.
+    wp.send(initial(ADDRESS_TYPE_URL, &[], &[])).await;
+    let addresses = wp.recv("addresses").await;
+    assert_eq!(addresses.resources.len(), 4);
+    wp.ack(&addresses).await;
+
+    // Another waypoint's config changes: nothing for this stream. Its own changes: pushed.
+    cache.set(
+        L7_SERVICE_TYPE_URL,
+        vec![
+            l7(L7_SERVICE_TYPE_URL, "a/wp/a/echo"),
+            l7(L7_SERVICE_TYPE_URL, "a/wp2/a/echo-changed"),
+            l7(L7_SERVICE_TYPE_URL, "b/wp/b/x"),
+        ],
+    );
+    let update = wp.recv("own removal").await;
+    assert!(update.resources.is_empty());
+    assert_eq!(update.removed_resources, ["a/wp/b/cross"]);
+    wp.ack(&update).await;
+    wp.expect_quiet("other waypoints' changes").await;
+
+    // Explicitly asking for another waypoint's resource: answered as removed.
+    wp.send(DeltaDiscoveryRequest {
+        type_url: L7_SERVICE_TYPE_URL.to_owned(),
+        resource_names_subscribe: vec!["b/wp/b/x".into()],
+        ..Default::default()
+    })
+    .await;
+    let denied = wp.recv("out-of-scope name").await;
+    assert!(denied.resources.is_empty(), "{denied:?}");
+    assert_eq!(denied.removed_resources, ["b/wp/b/x"]);
+
+    // A ztunnel stream gets no waypoint resources at all.
+    let mut zt = open(addr, Some("ztunnel-token")).await.unwrap();
+    zt.send(initial(L7_SERVICE_TYPE_URL, &[], &[])).await;
+    let none = zt.recv("ztunnel l7").await;
+    assert!(none.resources.is_empty() && none.removed_resources.is_empty());
+}

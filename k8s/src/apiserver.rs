@@ -74,8 +74,8 @@ pub fn spawn(
     kinds: &[Kind],
 ) -> Vec<tokio::task::JoinHandle<()>> {
     use gateway_api::{
-        gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute,
-        httproutes::HttpRoute,
+        experimental::httproutes::HttpRoute, gatewayclasses::GatewayClass, gateways::Gateway,
+        grpcroutes::GrpcRoute,
     };
     use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;

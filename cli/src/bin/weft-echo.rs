@@ -1,8 +1,9 @@
 //! `weft-echo`: the mesh test application — an HTTP/TCP echo server and its clients.
 //!
-//! `weft-echo serve` answers HTTP requests with JSON describing what it saw and echoes TCP;
-//! `weft-echo client` and `weft-echo tcp` drive it and print one JSON line per request or
-//! connection on stdout. Logs go to stderr.
+//! `weft-echo serve` answers HTTP requests with JSON describing what it saw (shaped by the
+//! `status`, `delay` and `fail_every` controls), serves the gRPC `weft.echo.v1.Echo` service on
+//! the HTTP port and echoes TCP; `weft-echo client`, `weft-echo grpc` and `weft-echo tcp` drive
+//! it and print one JSON line per request, call or connection on stdout. Logs go to stderr.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,12 +27,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve HTTP/1.1 + h2c (JSON echo of each request) and TCP echo.
+    /// Serve HTTP/1.1 + h2c (JSON echo of each request; gRPC weft.echo.v1.Echo for
+    /// `content-type: application/grpc`) and TCP echo. Answers can be shaped per request with
+    /// `?status=<code>`, `?delay=<200ms|1s>`, `?fail_every=<n>` (every n-th such request gets
+    /// 503) or the headers `x-echo-status`, `x-echo-delay`, `x-echo-fail-every`.
     Serve(ServeArgs),
     /// Send HTTP requests and print one JSON line per response (exit 1 if any failed).
     Client(ClientArgs),
     /// Probe a TCP echo port and print one JSON line per connection (exit 1 if any failed).
     Tcp(TcpArgs),
+    /// Call the gRPC Echo service and print one JSON line per call (exit 1 if any failed).
+    Grpc(GrpcArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GrpcArgs {
+    /// Server address: host:port or http://host:port (h2c).
+    #[arg(long)]
+    target: String,
+    /// The RPC: Echo (message back) or Reverse (message reversed).
+    #[arg(long, value_enum, default_value = "Echo")]
+    method: echo::GrpcMethod,
+    /// The request message.
+    #[arg(long, default_value = "hello")]
+    message: String,
+    /// Metadata `name: value` sent with every call (repeatable).
+    #[arg(long = "header", short = 'H', value_parser = parse_header)]
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// Number of calls, made one after the other.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Per-call timeout in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,7 +142,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Client(_) | Command::Tcp(_) => "warn",
+        Command::Client(_) | Command::Tcp(_) | Command::Grpc(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -132,6 +160,7 @@ fn main() -> anyhow::Result<ExitCode> {
             Command::Serve(args) => serve(args).await,
             Command::Client(args) => client(args).await,
             Command::Tcp(args) => tcp(args).await,
+            Command::Grpc(args) => grpc(args).await,
         }
     })
 }
@@ -209,6 +238,23 @@ async fn tcp(args: TcpArgs) -> anyhow::Result<ExitCode> {
         }
     })
     .await;
+    written?;
+    Ok(exit_code(summary))
+}
+
+async fn grpc(args: GrpcArgs) -> anyhow::Result<ExitCode> {
+    let mut config = echo::GrpcConfig::new(args.target, args.message);
+    config.method = args.method;
+    config.metadata = args.headers.into_iter().collect::<HeaderMap>();
+    config.count = args.count;
+    config.timeout = Duration::from_millis(args.timeout_ms);
+    let mut written = Ok(());
+    let summary = echo::grpc(config, |exchange| {
+        if written.is_ok() {
+            written = print_line(&exchange.to_json());
+        }
+    })
+    .await?;
     written?;
     Ok(exit_code(summary))
 }

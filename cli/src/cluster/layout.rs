@@ -120,6 +120,12 @@ impl Layout {
         self.state_dir.join("runner.log")
     }
 
+    /// The controller's state directory (CA root, node bootstrap tokens, pod token
+    /// registrations under `tokens/pods`).
+    pub fn controller_state_dir(&self) -> PathBuf {
+        self.state_dir.join("controller")
+    }
+
     /// The cluster description written by `up`.
     pub fn cluster_file(&self) -> PathBuf {
         self.state_dir.join("cluster.json")

@@ -7,6 +7,12 @@
 //! `hostIP`, `phase`, `Ready`, container states) from the processes and readiness probes;
 //! EndpointSlices for Services with selectors; service VIP rules on every node. It restarts
 //! nothing it was not asked to: a container that exits leaves its Pod not ready.
+//!
+//! Each started pod gets a service-account token ([`super::token`]): the file
+//! `<pod dir>/token`, named to every container by `WEFT_SERVICE_ACCOUNT_TOKEN_FILE`, and a
+//! registration the controller authenticates it by, removed when the pod stops or is deleted.
+//! Container `env[].value`, `command` and `args` get Kubernetes `$(VAR)` expansion
+//! ([`super::expansion`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -22,9 +28,11 @@ use k8s_openapi::api::core::v1::{Container, Pod, Service};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
+use super::expansion::{expand, lookup};
 use super::layout::{self, Layout};
 use super::manifest::{Object, ObjectKey};
 use super::store::{self, Store};
+use super::token::{self, Token};
 use super::{cni, netns, proxy};
 
 /// Label carrying the hash of a Deployment's pod template.
@@ -90,6 +98,8 @@ struct PodRuntime {
     /// keeps the pod `Pending` and retries sandbox creation at `retry_at`.
     sandbox: Option<SandboxRetry>,
     last_status: Value,
+    /// The pod's service-account token registration (removed when the pod stops).
+    token_registration: Option<PathBuf>,
 }
 
 struct SandboxRetry {
@@ -428,6 +438,7 @@ impl Runner {
             failure: None,
             sandbox: None,
             last_status: Value::Null,
+            token_registration: None,
         };
         // Network set-up failures are retried (the pod stays Pending); the rest fail the pod.
         let mut sandbox_error = None;
@@ -453,7 +464,13 @@ impl Runner {
             let result = network.inspect_err(|message| sandbox_error = Some(message.clone()))?;
             let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
             runtime.cni_result = Some(result);
-            let env_base = self.base_env(object, &runtime, spec.service_account_name.as_deref())?;
+            let token_file = pod_dir.join(token::TOKEN_FILE_NAME);
+            runtime.token_registration = Some(self.issue_token(
+                &runtime,
+                spec.service_account_name.as_deref(),
+                &token_file,
+            )?);
+            let env_base = self.base_env(object, &runtime, &token_file)?;
             for container in &spec.containers {
                 let child = self.spawn(container, &runtime, &env_base, object, &pod_dir)?;
                 runtime.containers.push(ContainerRuntime {
@@ -486,6 +503,7 @@ impl Runner {
                 for container in &mut runtime.containers {
                     kill_group(container);
                 }
+                revoke_token(&mut runtime);
                 self.teardown_network(&runtime);
             }
         }
@@ -513,11 +531,43 @@ impl Runner {
         }
     }
 
+    /// Issues the pod's service-account token: writes it to `token_file` (mode 0600) and
+    /// registers it for the controller; returns the registration file.
+    fn issue_token(
+        &self,
+        runtime: &PodRuntime,
+        service_account: Option<&str>,
+        token_file: &Path,
+    ) -> Result<PathBuf, String> {
+        let token = Token::generate();
+        token.write(token_file).map_err(|e| e.to_string())?;
+        let registration = token::Registration {
+            namespace: runtime
+                .key
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            service_account: service_account
+                .filter(|sa| !sa.is_empty())
+                .unwrap_or("default")
+                .to_owned(),
+            pod: runtime.key.name.clone(),
+            uid: runtime.uid.clone(),
+            node: layout::node_name(runtime.node),
+        };
+        token::register(
+            &self.config.layout.controller_state_dir(),
+            &token,
+            &registration,
+        )
+        .map_err(|e| crate::echo::error_message(&e))
+    }
+
     fn base_env(
         &self,
         object: &Object,
         runtime: &PodRuntime,
-        _sa: Option<&str>,
+        token_file: &Path,
     ) -> Result<Vec<(String, String)>, String> {
         let mut path: Vec<PathBuf> = self.config.program_dirs.clone();
         path.extend(
@@ -536,6 +586,10 @@ impl Runner {
             ("PATH".to_owned(), path.to_string_lossy().into_owned()),
             ("HOSTNAME".to_owned(), runtime.key.name.clone()),
             ("HOME".to_owned(), "/root".to_owned()),
+            (
+                token::TOKEN_FILE_ENV.to_owned(),
+                token_file.display().to_string(),
+            ),
         ];
         // Kubernetes-style service links for services in the pod's namespace.
         if object.0["spec"]["enableServiceLinks"] != false {
@@ -587,41 +641,15 @@ impl Runner {
         object: &Object,
         pod_dir: &Path,
     ) -> Result<Child, String> {
-        let command = container.command.clone().unwrap_or_default();
-        let (program, first_args) = command
-            .split_first()
-            .ok_or_else(|| format!("container {}: command is required", container.name))?;
-        let program = self.resolve_program(program).ok_or_else(|| {
+        let Process { program, args, env } = container_process(container, env_base, |path| {
+            field_value(path, object, runtime, &self.config.layout)
+        })?;
+        let program = self.resolve_program(&program).ok_or_else(|| {
             format!(
                 "container {}: program {program:?} not found on the host",
                 container.name
             )
         })?;
-        let mut env: Vec<(String, String)> = env_base.to_vec();
-        for var in container.env.iter().flatten() {
-            let value = match (&var.value, &var.value_from) {
-                (Some(value), _) => value.clone(),
-                (None, Some(from)) => match &from.field_ref {
-                    Some(field) => {
-                        field_value(&field.field_path, object, runtime, &self.config.layout)
-                            .ok_or_else(|| {
-                                format!(
-                                    "env {}: unsupported fieldRef {}",
-                                    var.name, field.field_path
-                                )
-                            })?
-                    }
-                    None => {
-                        return Err(format!(
-                            "env {}: only value and fieldRef are supported",
-                            var.name
-                        ));
-                    }
-                },
-                (None, None) => String::new(),
-            };
-            env.push((var.name.clone(), value));
-        }
         let log_path = pod_dir.join(format!("{}.log", container.name));
         let log = File::options()
             .create(true)
@@ -630,8 +658,7 @@ impl Runner {
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = netns::command_in(&runtime.netns, &program);
-        cmd.args(first_args)
-            .args(container.args.iter().flatten())
+        cmd.args(&args)
             .env_clear()
             .envs(env)
             .current_dir(pod_dir)
@@ -702,6 +729,12 @@ impl Runner {
                         (Some(_), None) => container.ready = false,
                     }
                 }
+                // A pod whose containers all exited has stopped: its token is no longer good.
+                if !runtime.containers.is_empty()
+                    && runtime.containers.iter().all(|c| c.exit.is_some())
+                {
+                    revoke_token(&mut runtime);
+                }
             }
             self.write_status(&mut runtime);
             self.pods.insert(uid, runtime);
@@ -724,6 +757,7 @@ impl Runner {
         }
         // Anything else left in the pod's namespace (e.g. a process that changed its group).
         super::network::kill_all(&netns::pids(&runtime.netns));
+        revoke_token(&mut runtime);
         self.teardown_network(&runtime);
         let _ = std::fs::remove_dir_all(self.config.layout.pod_dir(&runtime.uid));
         info!(pod = %runtime.key, "pod stopped");
@@ -1035,6 +1069,56 @@ fn field_value(
     })
 }
 
+/// What a container runs: its program (before the `PATH` search), arguments and environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Process {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// A container's process, as the kubelet builds it: `env_base` (the runner's variables and
+/// service links), then the container's `env` in order — a `value` with `$(VAR)` references
+/// expanded against what precedes it, a `fieldRef` resolved by `field` — and `command` + `args`
+/// expanded against the whole environment.
+fn container_process(
+    container: &Container,
+    env_base: &[(String, String)],
+    field: impl Fn(&str) -> Option<String>,
+) -> Result<Process, String> {
+    let command = container.command.clone().unwrap_or_default();
+    let (program, first_args) = command
+        .split_first()
+        .ok_or_else(|| format!("container {}: command is required", container.name))?;
+    let mut env: Vec<(String, String)> = env_base.to_vec();
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            // `$(VAR)` references earlier entries and the base environment.
+            (Some(value), _) => expand(value, |name| lookup(&env, name)),
+            (None, Some(from)) => match &from.field_ref {
+                Some(f) => field(&f.field_path).ok_or_else(|| {
+                    format!("env {}: unsupported fieldRef {}", var.name, f.field_path)
+                })?,
+                None => {
+                    return Err(format!(
+                        "env {}: only value and fieldRef are supported",
+                        var.name
+                    ));
+                }
+            },
+            (None, None) => String::new(),
+        };
+        env.push((var.name.clone(), value));
+    }
+    let program = expand(program, |name| lookup(&env, name));
+    let args: Vec<String> = first_args
+        .iter()
+        .chain(container.args.iter().flatten())
+        .map(|arg| expand(arg, |name| lookup(&env, name)))
+        .collect();
+    Ok(Process { program, args, env })
+}
+
 fn pod_status(runtime: &PodRuntime) -> Value {
     let condition =
         |kind: &str, ok: bool| json!({"type": kind, "status": if ok { "True" } else { "False" }});
@@ -1113,6 +1197,16 @@ fn pod_status(runtime: &PodRuntime) -> Value {
     })
 }
 
+/// Removes the pod's token registration, so the controller no longer accepts its token.
+fn revoke_token(runtime: &mut PodRuntime) {
+    if let Some(path) = runtime.token_registration.take()
+        && let Err(err) = std::fs::remove_file(&path)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pod = %runtime.key, path = %path.display(), error = %err, "removing token registration failed");
+    }
+}
+
 fn kill_group(container: &mut ContainerRuntime) {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
@@ -1156,6 +1250,194 @@ mod tests {
         assert_eq!(template_hash(&a), template_hash(&a));
         assert_ne!(template_hash(&a), template_hash(&b));
         assert_eq!(template_hash(&a).len(), 10);
+    }
+
+    /// The waypoint pod as the controller renders it (istio-ambient.md §2.6, with the env the
+    /// local cluster's controller is launched with).
+    fn waypoint_pod() -> Object {
+        Object(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "waypoint-5d8f7c9b4-x2x7k",
+                "namespace": "app",
+                "uid": "0b7a2c4e-1111-4222-8333-944445555666",
+                "labels": {
+                    "istio.io/dataplane-mode": "none",
+                    "gateway.networking.k8s.io/gateway-name": "waypoint",
+                },
+            },
+            "spec": {
+                "serviceAccountName": "waypoint",
+                "containers": [{
+                    "name": "waypoint",
+                    "image": "weft/waypoint",
+                    "command": ["waypoint"],
+                    "ports": [{"name": "status-port", "containerPort": 15021}],
+                    "env": [
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                        {"name": "WAYPOINT_NAME", "value": "waypoint"},
+                        {"name": "TRUST_DOMAIN", "value": "cluster.local"},
+                        {"name": "XDS_ADDRESS", "value": "https://10.240.0.2:15012"},
+                        {"name": "XDS_ROOT_CA", "value": "/state/controller/ca/root-cert.pem"},
+                        {"name": "ALT_XDS_HOSTNAME", "value": "weft-controller.istio-system.svc"},
+                        {"name": "AUTH_TOKEN", "value": "$(WEFT_SERVICE_ACCOUNT_TOKEN_FILE)"},
+                        {"name": "DOMAIN", "value": "$(POD_NAMESPACE).svc.cluster.local"},
+                    ],
+                    "args": ["--id", "$(POD_NAME).$(POD_NAMESPACE)", "$$(POD_NAME)"],
+                    "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
+                }],
+            },
+        }))
+    }
+
+    #[test]
+    fn the_waypoint_pod_gets_its_environment_token_and_probe() {
+        let object = waypoint_pod();
+        let layout = Layout::new("t", Some(Path::new("/state"))).unwrap();
+        let runtime = PodRuntime {
+            key: object.key(),
+            uid: object.uid().unwrap().to_owned(),
+            node: 2,
+            netns: layout.pod_netns(object.uid().unwrap()),
+            ip: Some(Ipv4Addr::new(10, 244, 2, 7)),
+            cni_result: None,
+            containers: Vec::new(),
+            start_time: String::new(),
+            failure: None,
+            sandbox: None,
+            last_status: Value::Null,
+            token_registration: None,
+        };
+        let pod: Pod = object.typed().unwrap();
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        let base = vec![
+            ("PATH".to_owned(), "/bin".to_owned()),
+            (
+                token::TOKEN_FILE_ENV.to_owned(),
+                "/state/pods/0b7a/token".to_owned(),
+            ),
+        ];
+        let process = container_process(container, &base, |path| {
+            field_value(path, &object, &runtime, &layout)
+        })
+        .unwrap();
+        assert_eq!(process.program, "waypoint");
+        assert_eq!(
+            process.args,
+            ["--id", "waypoint-5d8f7c9b4-x2x7k.app", "$(POD_NAME)"]
+        );
+        let env: BTreeMap<&str, &str> = process
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(env["POD_NAME"], "waypoint-5d8f7c9b4-x2x7k");
+        assert_eq!(env["POD_NAMESPACE"], "app");
+        assert_eq!(env["INSTANCE_IP"], "10.244.2.7");
+        assert_eq!(env["SERVICE_ACCOUNT"], "waypoint");
+        assert_eq!(env["AUTH_TOKEN"], "/state/pods/0b7a/token");
+        assert_eq!(env["DOMAIN"], "app.svc.cluster.local");
+        assert_eq!(env["XDS_ADDRESS"], "https://10.240.0.2:15012");
+        assert!(matches!(
+            probe_of(container),
+            Some(Probe::Http { port: 15021, ref path }) if path == "/healthz/ready"
+        ));
+        // An unsupported downward-API field is named.
+        let mut bad = container.clone();
+        bad.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "X".into(),
+            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    field_path: "status.podIPs".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            container_process(&bad, &base, |_| None).unwrap_err(),
+            "env X: unsupported fieldRef status.podIPs"
+        );
+    }
+
+    #[test]
+    fn gateway_owned_deployments_run_and_only_orphaned_pods_are_collected() {
+        let dir = std::env::temp_dir().join(format!("weft-runner-{}", store::new_uid()));
+        let layout = Layout::new("t", Some(&dir)).unwrap();
+        let store = Store::new(layout.store_dir());
+        store
+            .apply(&[Object(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "app"}}),
+            )])
+            .unwrap();
+        let template = json!({
+            "metadata": {"labels": {"gateway.networking.k8s.io/gateway-name": "waypoint", "istio.io/dataplane-mode": "none"}},
+            "spec": waypoint_pod().0["spec"].clone(),
+        });
+        store
+            .apply(&[Object(json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": "waypoint",
+                    "namespace": "app",
+                    "ownerReferences": [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "name": "waypoint", "uid": "gone-or-not", "controller": true}],
+                },
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"gateway.networking.k8s.io/gateway-name": "waypoint"}},
+                    "template": template,
+                },
+            }))])
+            .unwrap();
+        let runner = Runner {
+            config: Config {
+                layout,
+                nodes: 1,
+                plugin_dirs: Vec::new(),
+                // Where `weft` is: cargo builds `waypoint` into the same directory.
+                program_dirs: vec![dir.join("bin")],
+                tick: Duration::from_millis(200),
+            },
+            store: store.clone(),
+            pods: BTreeMap::new(),
+            next_node: 1,
+            applied_rules: None,
+        };
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin/waypoint"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(
+            runner.resolve_program("waypoint"),
+            Some(dir.join("bin/waypoint")),
+            "the waypoint program is found next to weft"
+        );
+        runner.deployments().unwrap();
+        runner.deployments().unwrap();
+        let deployment_key = ObjectKey::new("apps", "Deployment", Some("app"), "waypoint");
+        assert!(
+            store.get(&deployment_key).unwrap().is_some(),
+            "a Deployment owned by a Gateway is never collected"
+        );
+        let pods = store.list("", "Pod").unwrap();
+        assert_eq!(pods.len(), 1);
+        assert!(pods[0].name().starts_with("waypoint-"));
+        assert_eq!(
+            pods[0].0["metadata"]["labels"]["istio.io/dataplane-mode"],
+            "none"
+        );
+        assert_eq!(pods[0].0["spec"]["containers"][0]["command"][0], "waypoint");
+        store.delete(&[deployment_key]).unwrap();
+        runner.deployments().unwrap();
+        assert!(
+            store.list("", "Pod").unwrap().is_empty(),
+            "pods of a deleted Deployment are collected"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

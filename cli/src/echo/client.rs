@@ -151,6 +151,8 @@ pub struct Reply {
     ///
     /// [`Echo`]: super::Echo
     pub body: Value,
+    /// The response headers: lowercase names, repeated headers joined with `", "`.
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 impl Reply {
@@ -178,6 +180,7 @@ struct ReplyLine<'a> {
     namespace: Option<&'a Value>,
     source: Option<&'a Value>,
     proto: Value,
+    headers: &'a std::collections::BTreeMap<String, String>,
     body: &'a Value,
 }
 
@@ -189,7 +192,7 @@ struct ErrorLine {
 
 impl Exchange {
     /// The JSON line (without newline) `weft-echo client` prints: `{"seq", "status",
-    /// "latency_ms", "pod", "namespace", "source", "proto", "body"}` — `latency_ms` rounded to
+    /// "latency_ms", "pod", "namespace", "source", "proto", "headers", "body"}` — `latency_ms` rounded to
     /// microseconds; `pod`, `namespace`, `source` and `proto` are the server's view from its
     /// [`Echo`] body (`null` when absent; `proto` falls back to the client's) — or
     /// `{"seq", "error"}` with the error and its causes.
@@ -208,6 +211,7 @@ impl Exchange {
                     .field("proto")
                     .cloned()
                     .unwrap_or_else(|| Value::String(format!("{:?}", reply.version))),
+                headers: &reply.headers,
                 body: &reply.body,
             }),
             Err(error) => serde_json::to_string(&ErrorLine {
@@ -464,6 +468,17 @@ async fn exchange(
         Ok(object @ Value::Object(_)) => object,
         _ => Value::String(String::from_utf8_lossy(&bytes).into_owned()),
     };
+    let mut headers = std::collections::BTreeMap::<String, String>::new();
+    for (name, value) in &head.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
     let reply = Reply {
         status: head.status,
         version: head.version,
@@ -471,6 +486,7 @@ async fn exchange(
         local_addr: conn.local,
         peer_addr: conn.peer,
         body,
+        headers,
     };
     *slot = Some(conn);
     Ok(reply)

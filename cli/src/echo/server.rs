@@ -1,4 +1,18 @@
-//! The echo server: HTTP/1.1 + h2c on one port, TCP echo on another, graceful shutdown.
+//! The echo server: HTTP/1.1 + h2c on one port (gRPC `weft.echo.v1.Echo` too), TCP echo on
+//! another, graceful shutdown.
+//!
+//! Every HTTP answer can be shaped by query parameters or the equivalent request headers (the
+//! query parameter wins when both are given), so L7 tests can provoke what a waypoint reacts to:
+//!
+//! | query | header | effect |
+//! |---|---|---|
+//! | `status=<code>` | `x-echo-status` | answer with that status (200..=599); the body is still the JSON echo |
+//! | `delay=<duration>` | `x-echo-delay` | wait that long (`200ms`, `1s`, `2m`) before answering |
+//! | `fail_every=<n>` | `x-echo-fail-every` | count the request; every n-th counted request answers `503` |
+//!
+//! The `fail_every` counter is per server process and counts only requests that carry the
+//! control (so health probes and other traffic do not shift it); each such answer carries the
+//! count in `x-echo-count`. A bad control value is answered `400`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -6,6 +20,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +38,19 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::error_message;
+use super::grpc;
+
+/// Query parameter / header answering with a chosen status.
+pub const STATUS_PARAM: (&str, &str) = ("status", "x-echo-status");
+/// Query parameter / header delaying the answer.
+pub const DELAY_PARAM: (&str, &str) = ("delay", "x-echo-delay");
+/// Query parameter / header failing every n-th request with 503.
+pub const FAIL_EVERY_PARAM: (&str, &str) = ("fail_every", "x-echo-fail-every");
+/// Response header carrying the `fail_every` counter.
+pub const COUNT_HEADER: &str = "x-echo-count";
+
+/// The response body type of the HTTP port (JSON echo or gRPC).
+type Body = tonic::body::Body;
 
 /// The default bound on a request body the server reads: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
@@ -176,6 +204,9 @@ async fn listen(
 struct Shared {
     identity: PodIdentity,
     max_body_bytes: usize,
+    /// Requests that carried `fail_every`, since the process started.
+    fail_every_count: AtomicU64,
+    grpc: weft_proto::weft::echo::v1::echo_server::EchoServer<grpc::Service>,
 }
 
 // === impl Server ===
@@ -199,8 +230,10 @@ impl Server {
             http, tcp, config, ..
         } = self;
         let shared = Arc::new(Shared {
+            grpc: grpc::server(config.identity.clone()),
             identity: config.identity,
             max_body_bytes: config.max_body_bytes,
+            fail_every_count: AtomicU64::new(0),
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new());
@@ -285,9 +318,15 @@ async fn serve_http(
         }
     };
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(request, source, local, &shared).await) }
+        async move {
+            if grpc::is_grpc(request.headers()) {
+                let mut grpc = shared.grpc.clone();
+                return tonic::codegen::Service::call(&mut grpc, request).await;
+            }
+            Ok::<_, Infallible>(handle(request, source, local, &shared).await.map(Body::new))
+        }
     });
     let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service));
     let mut draining = false;
@@ -334,6 +373,10 @@ async fn respond(
     if route == "/healthz" {
         return text(StatusCode::OK, "ok");
     }
+    let controls = match Controls::of(request.uri().query(), request.headers()) {
+        Ok(controls) => controls,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
     let mut status = StatusCode::OK;
     if let Some(code) = route.strip_prefix("/status/") {
         match segment(code)
@@ -350,6 +393,20 @@ async fn respond(
             Ok(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
             Err(_) => return text(StatusCode::BAD_REQUEST, "delay must be milliseconds"),
         }
+    }
+    if let Some(code) = controls.status {
+        status = code;
+    }
+    let mut count = None;
+    if let Some(every) = controls.fail_every {
+        let n = shared.fail_every_count.fetch_add(1, Ordering::SeqCst) + 1;
+        count = Some(n);
+        if n.is_multiple_of(every) {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    if let Some(delay) = controls.delay {
+        tokio::time::sleep(delay).await;
     }
 
     let declared = request
@@ -409,6 +466,11 @@ async fn respond(
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(count) = count {
+                response
+                    .headers_mut()
+                    .insert(COUNT_HEADER, HeaderValue::from(count));
+            }
             response
         }
         Err(_) => text(
@@ -418,13 +480,108 @@ async fn respond(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_come_from_the_query_or_headers() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(Controls::of(None, &headers), Ok(Controls::default()));
+        assert_eq!(
+            Controls::of(Some("a=b&status=503&delay=200ms&fail_every=3"), &headers),
+            Ok(Controls {
+                status: Some(StatusCode::SERVICE_UNAVAILABLE),
+                delay: Some(Duration::from_millis(200)),
+                fail_every: Some(3),
+            })
+        );
+        headers.insert("x-echo-status", HeaderValue::from_static("418"));
+        headers.insert("x-echo-delay", HeaderValue::from_static("1s"));
+        headers.insert("x-echo-fail-every", HeaderValue::from_static("2"));
+        assert_eq!(
+            Controls::of(Some("status=201"), &headers),
+            Ok(Controls {
+                status: Some(StatusCode::CREATED),
+                delay: Some(Duration::from_secs(1)),
+                fail_every: Some(2),
+            }),
+            "the query wins over the header"
+        );
+        for bad in [
+            "status=99",
+            "status=x",
+            "delay=soon",
+            "fail_every=0",
+            "status",
+        ] {
+            assert!(
+                Controls::of(Some(bad), &http::HeaderMap::new()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
+
 /// The first path segment of `rest`.
 fn segment(rest: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// The answer-shaping controls of one request (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Controls {
+    status: Option<StatusCode>,
+    delay: Option<Duration>,
+    fail_every: Option<u64>,
+}
+
+impl Controls {
+    /// From the query string and headers; the query parameter wins over the header.
+    fn of(query: Option<&str>, headers: &http::HeaderMap) -> Result<Self, String> {
+        let value = |(param, header): (&str, &str)| -> Option<String> {
+            query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+                .find(|(k, _)| *k == param)
+                .map(|(_, v)| v.to_owned())
+                .or_else(|| {
+                    headers
+                        .get(header)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                })
+        };
+        let mut controls = Controls::default();
+        if let Some(code) = value(STATUS_PARAM) {
+            controls.status = Some(
+                code.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|c| (200..=599).contains(c))
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or_else(|| format!("status {code:?}: must be a code in 200..=599"))?,
+            );
+        }
+        if let Some(delay) = value(DELAY_PARAM) {
+            controls.delay =
+                Some(crate::duration::parse(&delay).map_err(|e| format!("delay: {e}"))?);
+        }
+        if let Some(n) = value(FAIL_EVERY_PARAM) {
+            controls.fail_every = Some(
+                n.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("fail_every {n:?}: must be a whole number >= 1"))?,
+            );
+        }
+        Ok(controls)
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
         .headers_mut()

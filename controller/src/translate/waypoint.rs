@@ -68,7 +68,12 @@ impl Waypoint {
         format!("{trust_domain}/ns/{}/sa/{}", self.namespace, self.name)
     }
 
-    fn admits(&self, namespace: &str, namespace_labels: &BTreeMap<String, String>) -> bool {
+    /// Whether `namespace` may bind to (or attach routes to) this waypoint (`allowedRoutes`).
+    pub(crate) fn admits(
+        &self,
+        namespace: &str,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> bool {
         match &self.allowed {
             Allowed::Same => namespace == self.namespace,
             Allowed::All => true,
@@ -191,6 +196,11 @@ impl Waypoints {
                 | (Target::Workload, TrafficType::Workload)
         );
         (accepts && waypoint.admits(namespace, namespace_labels)).then_some(waypoint)
+    }
+
+    /// Every waypoint, by namespace then name.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Waypoint> {
+        self.by_key.values()
     }
 
     /// Looks a waypoint up by namespace and name.

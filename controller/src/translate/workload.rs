@@ -188,6 +188,11 @@ pub(crate) fn translate_all(
         }
     }
 
+    let by_key: BTreeMap<&str, &Arc<ServiceInfo>> = services
+        .by_name
+        .values()
+        .map(|info| (info.key.as_str(), info))
+        .collect();
     let mut used_waypoints = BTreeMap::new();
     let no_services = Vec::new();
     for ((namespace, name), pod) in &snapshot.pods {
@@ -233,13 +238,13 @@ pub(crate) fn translate_all(
         let (canonical_name, canonical_revision) = canonical(&labels, &workload_name);
 
         let mut workload_services: BTreeMap<String, PortList> = BTreeMap::new();
-        let mut behind_waypoint = None;
+        // Every waypoint that sends traffic to this pod: its own binding, and the waypoints of
+        // the services it backs (by selector or by EndpointSlice).
+        let mut behind_waypoints = std::collections::BTreeSet::new();
         for service in services.by_namespace.get(namespace).unwrap_or(&no_services) {
             if super::selector_matches(&service.selector, &labels) {
                 workload_services.insert(service.key.clone(), ports_for(service, pod));
-                if behind_waypoint.is_none() {
-                    behind_waypoint.clone_from(&service.has_waypoint);
-                }
+                behind_waypoints.extend(service.has_waypoint.clone());
             }
         }
         for (key, ports) in by_slice
@@ -248,10 +253,13 @@ pub(crate) fn translate_all(
             .flatten()
         {
             workload_services.insert(key.clone(), ports.clone());
+            if let Some(info) = by_key.get(key.as_str()) {
+                behind_waypoints.extend(info.has_waypoint.clone());
+            }
         }
         let waypoint = waypoints.bound(Target::Workload, namespace, &labels, &namespace_labels);
         if let Some(w) = waypoint {
-            behind_waypoint = Some((w.namespace.clone(), w.name.clone()));
+            behind_waypoints.insert((w.namespace.clone(), w.name.clone()));
         }
 
         let mut policies: Vec<String> = selector_policies
@@ -270,9 +278,10 @@ pub(crate) fn translate_all(
             out.authorizations
                 .insert(format!("{}/{}", extra.namespace, extra.name), extra);
         }
-        if let Some((wns, wname)) = &behind_waypoint
-            && let Some(w) = waypoints.get(wns, wname)
-        {
+        for (wns, wname) in &behind_waypoints {
+            let Some(w) = waypoints.get(wns, wname) else {
+                continue;
+            };
             let allow = authz::allow_from_waypoint(
                 wns,
                 wname,
@@ -371,6 +380,16 @@ pub(crate) fn translate_all(
                 },
             },
         );
+    }
+    // Every waypoint's implicit policy is published (workloads behind it reference it).
+    for w in waypoints.iter() {
+        let allow = authz::allow_from_waypoint(
+            &w.namespace,
+            &w.name,
+            &[w.principal(&settings.authz.trust_domain)],
+            &settings.authz,
+        );
+        used_waypoints.insert(format!("{}/{}", allow.namespace, allow.name), allow);
     }
     out.authorizations.extend(used_waypoints);
 }

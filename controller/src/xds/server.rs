@@ -34,7 +34,8 @@ use weft_proto::envoy::service::discovery::v3::{
 use super::cache::Cache;
 use super::registry::{Nack, Registration, Registry, TypeInfo, now_unix_ms, struct_to_json};
 use super::subscription::Subscription;
-use crate::auth::{Authenticator, authenticate_metadata};
+use crate::auth::{Authenticator, Caller, authenticate_metadata};
+use weft_proto::type_url::{L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL};
 
 /// Largest request the service decodes, in bytes (a reconnecting client's
 /// `initial_resource_versions` for 10,000+ resources is ~1 MiB).
@@ -171,6 +172,7 @@ impl AggregatedDiscoveryService for Server {
         });
         let stream = Stream {
             cache: self.inner.cache.clone(),
+            caller: caller.clone(),
             registration,
             peer,
             node_id: None,
@@ -188,9 +190,13 @@ impl AggregatedDiscoveryService for Server {
     }
 }
 
+/// Type URLs whose resources are scoped to the calling waypoint (see [`Subscription`]).
+const WAYPOINT_SCOPED_TYPES: [&str; 2] = [L7_SERVICE_TYPE_URL, L7_POLICY_TYPE_URL];
+
 /// One delta ADS stream.
 struct Stream {
     cache: Arc<Cache>,
+    caller: Caller,
     registration: Registration,
     peer: Option<SocketAddr>,
     node_id: Option<String>,
@@ -285,7 +291,15 @@ impl Stream {
         let type_url = request.type_url.clone();
         let _span = tracing::info_span!("xds", xds.type = %type_url).entered();
         let Some(ts) = self.types.get_mut(&type_url) else {
-            let sub = Subscription::new(&request);
+            let mut sub = Subscription::new(&request);
+            if WAYPOINT_SCOPED_TYPES.contains(&type_url.as_str()) {
+                // A waypoint (service account named after its Gateway) sees only its own
+                // resources, named `<namespace>/<gateway>/…`.
+                sub.restrict_to(format!(
+                    "{}/{}/",
+                    self.caller.namespace, self.caller.service_account
+                ));
+            }
             tracing::info!(
                 wildcard = sub.wildcard,
                 names = sub.names.len(),

@@ -39,6 +39,9 @@ pub(crate) struct Subscription {
     generation: Option<u64>,
     /// The first request of the type has not been answered yet.
     unanswered: bool,
+    /// When set, only resources whose name starts with this prefix exist for this stream
+    /// (waypoint-scoped types: `<namespace>/<service account>/`).
+    scope: Option<String>,
 }
 
 /// A response owed to the client.
@@ -67,6 +70,7 @@ impl Subscription {
             missing: BTreeSet::new(),
             generation: None,
             unanswered: true,
+            scope: None,
         };
         sub.subscribe(&request.resource_names_subscribe);
         sub.unsubscribe(&request.resource_names_unsubscribe);
@@ -77,6 +81,16 @@ impl Subscription {
                 .extend(request.initial_resource_versions.keys().cloned());
         }
         sub
+    }
+
+    /// Restricts the subscription to resources named `<prefix>…`: wildcard subscriptions see
+    /// only those, and explicitly subscribed names outside the prefix are answered as removed.
+    pub(crate) fn restrict_to(&mut self, prefix: String) {
+        self.scope = Some(prefix);
+    }
+
+    fn in_scope(&self, name: &str) -> bool {
+        self.scope.as_deref().is_none_or(|p| name.starts_with(p))
     }
 
     /// Applies a later request's subscribe and unsubscribe lists (in that order).
@@ -164,7 +178,7 @@ impl Subscription {
             None => {
                 let mut all: BTreeSet<Arc<str>> = self.known.keys().cloned().collect();
                 if self.wildcard {
-                    all.extend(ts.names().cloned());
+                    all.extend(ts.names().filter(|n| self.in_scope(n)).cloned());
                 }
                 for key in &self.names {
                     all.extend(ts.resolve(key));
@@ -175,6 +189,9 @@ impl Subscription {
         for key in &self.fresh {
             candidates.extend(ts.resolve(key));
         }
+        // Out-of-scope names never reach the client (held ones, e.g. from
+        // `initial_resource_versions`, are removed by `diff_one`).
+        candidates.retain(|n| self.in_scope(n) || self.known.contains_key(n));
 
         let mut delta = Delta {
             generation,
@@ -185,7 +202,7 @@ impl Subscription {
         }
         let fresh = std::mem::take(&mut self.fresh);
         for key in fresh {
-            if ts.resolve(&key).is_empty() {
+            if !ts.resolve(&key).iter().any(|n| self.in_scope(n)) {
                 if !delta.removed.contains(&key) {
                     delta.removed.push(key.clone());
                 }
@@ -208,7 +225,9 @@ impl Subscription {
             }
             return;
         };
-        if !wants(self.wildcard, &self.names, &entry.name, &entry.aliases) {
+        if !self.in_scope(&entry.name)
+            || !wants(self.wildcard, &self.names, &entry.name, &entry.aliases)
+        {
             if self.known.remove(name).is_some() {
                 delta.removed.push(name.to_string());
             }
@@ -431,6 +450,56 @@ mod tests {
             [("uid-1", vec![])],
             "still subscribed, by name"
         );
+    }
+
+    #[test]
+    fn scoped_subscription_sees_only_its_prefix() {
+        let cache = Cache::new();
+        cache.set(
+            T,
+            vec![
+                res("a/wp/a/echo", "1", &[]),
+                res("a/wp/a/other", "1", &[]),
+                res("a/wp2/a/echo", "1", &[]),
+                res("b/wp/b/x", "1", &[]),
+            ],
+        );
+        let mut sub = Subscription::new(&request(&[], &[]));
+        sub.restrict_to("a/wp/".into());
+        let delta = sub.poll(T, &cache).unwrap();
+        assert_eq!(
+            sent(&delta),
+            [("a/wp/a/echo", vec![]), ("a/wp/a/other", vec![])]
+        );
+
+        // Changes outside the scope are never sent, inside they are.
+        cache.set(
+            T,
+            vec![
+                res("a/wp/a/echo", "2", &[]),
+                res("a/wp2/a/echo", "2", &[]),
+                res("b/wp/b/x", "2", &[]),
+            ],
+        );
+        let delta = sub.poll(T, &cache).unwrap();
+        assert_eq!(sent(&delta), [("a/wp/a/echo", vec![])]);
+        assert_eq!(delta.removed, ["a/wp/a/other"]);
+
+        // Explicit names outside the scope are answered as removed, even though they exist.
+        sub.update(T, &strings(&["a/wp2/a/echo", "a/wp/a/echo"]), &[], &cache);
+        let delta = sub.poll(T, &cache).unwrap();
+        assert_eq!(sent(&delta), [("a/wp/a/echo", vec![])]);
+        assert_eq!(delta.removed, ["a/wp2/a/echo"]);
+
+        // A client claiming to hold an out-of-scope resource is told it is removed.
+        let mut req = request(&[], &[]);
+        req.initial_resource_versions
+            .insert("b/wp/b/x".into(), "v".into());
+        let mut sub = Subscription::new(&req);
+        sub.restrict_to("a/wp/".into());
+        let delta = sub.poll(T, &cache).unwrap();
+        assert_eq!(sent(&delta), [("a/wp/a/echo", vec![])]);
+        assert_eq!(delta.removed, ["b/wp/b/x"]);
     }
 
     #[test]
