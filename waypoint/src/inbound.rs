@@ -49,6 +49,13 @@ pub enum Detected {
 /// Classifies the first bytes of a stream; `None` = need more bytes. `eof` = no more will come.
 /// Pure: table-tested.
 pub fn detect(prefix: &[u8], eof: bool) -> Option<Detected> {
+    // Empty lines before a request line are ignored by HTTP/1.1 servers (RFC 9112 §2.2): skip
+    // them here too, so such a request is parsed (and authorized) rather than tunnelled.
+    let blank = prefix
+        .iter()
+        .take_while(|b| **b == b'\r' || **b == b'\n')
+        .count();
+    let prefix = &prefix[blank..];
     let n = prefix.len().min(H2_PREFACE.len());
     if prefix[..n] == H2_PREFACE[..n] && !prefix.is_empty() {
         if prefix.len() >= H2_PREFACE.len() {
@@ -453,6 +460,8 @@ mod tests {
             (b"SSH-2.0-OpenSSH\r\n", false, Some(Detected::Tcp)),
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", false, Some(Detected::Tcp)),
             (b"GET", true, Some(Detected::Tcp)),
+            (b"\r\nGET / HTTP/1.1\r\n", false, Some(Detected::Http1)),
+            (b"\r\n", false, None),
         ];
         for (prefix, eof, want) in cases {
             assert_eq!(

@@ -248,8 +248,9 @@ impl Proxy {
         &self.state
     }
 
-    /// Authorizes an opaque TCP connection: the policies see no HTTP attributes (empty host,
-    /// method and path), so ALLOW rules that need them do not match.
+    /// Authorizes an opaque TCP connection against the TCP view of the policies
+    /// ([`crate::state::for_tcp`]: ALLOW rules needing HTTP attributes never match, DENY rules
+    /// ignore them).
     ///
     /// # Errors
     /// [`Error::Denied`].
@@ -277,7 +278,7 @@ impl Proxy {
             headers: &headers,
         };
         inner
-            .policies
+            .tcp_policies
             .check(&facts)
             .map_err(|denied| Error::Denied(denied.to_string()))
     }

@@ -70,6 +70,8 @@ pub struct Inner {
     pub service_names: BTreeMap<String, String>,
     /// L7 authorization.
     pub policies: PolicySet,
+    /// The same policies as opaque TCP sees them ([`for_tcp`]).
+    pub tcp_policies: PolicySet,
     /// The policy resources in force, by name.
     pub policy_configs: BTreeMap<String, pb::Policy>,
 }
@@ -352,8 +354,13 @@ impl Handler for PolicyHandler {
                             continue;
                         }
                     };
+                    let tcp = for_tcp(&policy);
                     match inner.policies.insert(&name, &policy) {
                         Ok(()) => {
+                            if let Err(e) = inner.tcp_policies.insert(&name, &tcp) {
+                                // Cannot happen (a subset of a valid policy); deny TCP then.
+                                tracing::warn!(policy = %name, error = %e, "tcp view of policy");
+                            }
                             inner.policy_configs.insert(name, policy);
                         }
                         Err(e) => rejections.push(Rejection::new(&name, e)),
@@ -362,12 +369,53 @@ impl Handler for PolicyHandler {
                 Update::Remove { name } => {
                     if inner.policy_configs.remove(&name).is_some() {
                         inner.policies.remove(&name);
+                        inner.tcp_policies.remove(&name);
                     }
                 }
             }
         }
         rejections
     }
+}
+
+/// Whether a condition key reads HTTP attributes.
+fn is_http_key(key: &str) -> bool {
+    key.starts_with("request.")
+}
+
+/// A policy as opaque TCP traffic sees it, following Istio's TCP translation: HTTP-only fields
+/// (operation hosts, methods, paths; `request.*` conditions) cannot be checked, so an ALLOW
+/// rule using them never matches (dropped), and a DENY rule drops them and so matches more
+/// (fail closed). Pure.
+pub fn for_tcp(policy: &pb::Policy) -> pb::Policy {
+    let http_operation = |o: &pb::Operation| {
+        !(o.hosts.is_empty()
+            && o.not_hosts.is_empty()
+            && o.methods.is_empty()
+            && o.not_methods.is_empty()
+            && o.paths.is_empty()
+            && o.not_paths.is_empty())
+    };
+    let uses_http = |r: &pb::Rule| {
+        r.to.iter().any(http_operation) || r.when.iter().any(|c| is_http_key(&c.key))
+    };
+    let mut tcp = policy.clone();
+    if policy.action() == pb::Action::Allow {
+        tcp.rules.retain(|r| !uses_http(r));
+    } else {
+        for rule in &mut tcp.rules {
+            for op in &mut rule.to {
+                op.hosts.clear();
+                op.not_hosts.clear();
+                op.methods.clear();
+                op.not_methods.clear();
+                op.paths.clear();
+                op.not_paths.clear();
+            }
+            rule.when.retain(|c| !is_http_key(&c.key));
+        }
+    }
+    tcp
 }
 
 #[cfg(test)]
@@ -489,6 +537,48 @@ mod tests {
             r("10.7.7.7:80").unwrap_err(),
             Unbound::Unknown("10.7.7.7:80".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn tcp_sees_http_only_rules_fail_closed() {
+        let op = |paths: &[&str], ports: &[u32]| pb::Operation {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            ports: ports.to_vec(),
+            ..Default::default()
+        };
+        let rule = |to: Vec<pb::Operation>| pb::Rule {
+            from: vec![],
+            to,
+            when: vec![pb::Condition {
+                key: "request.headers[x]".into(),
+                values: vec!["1".into()],
+                not_values: vec![],
+            }],
+        };
+        let allow = pb::Policy {
+            action: pb::Action::Allow as i32,
+            rules: vec![rule(vec![op(&["/a"], &[])]), pb::Rule::default()],
+            ..Default::default()
+        };
+        let tcp = for_tcp(&allow);
+        assert_eq!(
+            tcp.rules,
+            vec![pb::Rule::default()],
+            "HTTP ALLOW rules never match"
+        );
+        let deny = pb::Policy {
+            action: pb::Action::Deny as i32,
+            rules: vec![rule(vec![op(&["/admin"], &[8080])])],
+            ..Default::default()
+        };
+        let tcp = for_tcp(&deny);
+        assert_eq!(tcp.rules.len(), 1);
+        assert_eq!(
+            tcp.rules[0].to,
+            vec![op(&[], &[8080])],
+            "DENY keeps the rest"
+        );
+        assert!(tcp.rules[0].when.is_empty());
     }
 
     #[test]

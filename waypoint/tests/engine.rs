@@ -408,3 +408,49 @@ async fn a_route_timeout_answers_504_upstream_request_timeout() {
     .await;
     assert!(ok, "{}", mesh.metrics_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_on_http_attributes_closes_opaque_tcp() {
+    let mesh = Mesh::new().await;
+    let ip = std::net::IpAddr::from([127, 0, 0, 11]);
+    let echo = tcp_echo(ip).await;
+    mesh.endpoint_server(ip, "echo").await;
+    mesh.apply(vec![
+        service("db", VIP, &[(5432, 5432)], true),
+        workload(
+            "db0",
+            "echo",
+            ip,
+            &[("db", 5432, u32::from(echo.port()))],
+            false,
+        ),
+    ]);
+    let policy = pb::Policy {
+        namespace: "app".into(),
+        name: "no-admin".into(),
+        action: pb::Action::Deny as i32,
+        services: vec![],
+        rules: vec![pb::Rule {
+            from: vec![],
+            to: vec![pb::Operation {
+                paths: vec!["/admin*".into()],
+                ..Default::default()
+            }],
+            when: vec![],
+        }],
+    };
+    apply_l7(
+        &mesh,
+        L7_POLICY_TYPE_URL,
+        "app/wp/app/no-admin",
+        policy.encode_to_vec(),
+    );
+    // Opaque TCP cannot be checked for paths: denied (Istio's fail-closed TCP translation).
+    let mut stream = mesh.connect("10.96.0.10:5432").await.unwrap();
+    stream.write_all(b"\x00GET /admin").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "denied stream got {out:?}");
+}

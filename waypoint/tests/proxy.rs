@@ -472,3 +472,22 @@ async fn http1_upgrades_are_spliced() {
         .unwrap();
     assert_eq!(&buf, b"HELLO UPGRADED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leading_empty_lines_do_not_turn_http_into_opaque_tcp() {
+    let (mesh, app) = one_endpoint_mesh().await;
+    let mut stream = mesh.connect("10.96.0.10:80").await.unwrap();
+    stream
+        .write_all(b"\r\nGET /x HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(T, stream.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).to_lowercase();
+    // Parsed by the waypoint (so policy applies): the waypoint's x-request-id reached the app.
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("x-seen-request-id"), "{text}");
+    assert_eq!(app.count.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
