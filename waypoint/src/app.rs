@@ -201,7 +201,10 @@ pub fn config_dump(
                 "name": s.name,
                 "vips": s.vips.iter().map(|v| v.address.to_string()).collect::<Vec<_>>(),
                 "config": config.map(|_| inner.service_names.get(&s.hostname)),
-                "load_balancer": config.map(|c| format!("{:?}", c.config.load_balancer()).to_lowercase()),
+                "load_balancer": config.map(|c| match c.config.load_balancer() {
+                    weft_proto::weft::l7::v1::LoadBalancer::LeastRequest => "least_request",
+                    weft_proto::weft::l7::v1::LoadBalancer::RoundRobin => "round_robin",
+                }),
                 "outlier_detection": config.and_then(|c| c.config.outlier_detection.as_ref()).map(|od| serde_json::json!({
                     "consecutive_failures": od.consecutive_failures,
                     "base_ejection_ms": od.base_ejection_ms,
@@ -330,7 +333,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::new(certificates.clone()),
     );
     let forwarder = Arc::new(Forwarder::new(state.clone(), pool, identity.clone()));
-    let proxy = Arc::new(Proxy::new(state.clone(), forwarder.clone(), metrics));
+    let proxy =
+        Arc::new(Proxy::new(state.clone(), forwarder.clone(), metrics).with_drain(watch.clone()));
 
     let readiness: Endpoint = {
         let xds = xds_handle.clone();

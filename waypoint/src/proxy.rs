@@ -16,8 +16,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, info};
-use weft_core::SpiffeId;
 use weft_core::state::Workload;
+use weft_core::{SpiffeId, drain};
 
 use crate::body::{self, BoxBody, BoxError, REPLAY_LIMIT_BYTES, RequestBody};
 use crate::engine::{BackendTarget, LoadBalancer, RequestFacts, Routing};
@@ -48,6 +48,8 @@ pub struct Proxy {
     state: Arc<WaypointState>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    /// Held by background work (mirrors, upgraded streams) so a drain waits for it.
+    drain: Option<drain::Watch>,
 }
 
 /// What telemetry needs when a request ends.
@@ -230,7 +232,16 @@ impl Proxy {
             state,
             forwarder,
             metrics,
+            drain: None,
         }
+    }
+
+    /// Background work (mirrors, upgraded streams) holds `drain` so a drain waits for it (up to
+    /// its deadline).
+    #[must_use]
+    pub fn with_drain(mut self, drain: drain::Watch) -> Self {
+        self.drain = Some(drain);
+        self
     }
 
     /// The forwarder (opaque TCP uses it directly).
@@ -511,9 +522,13 @@ impl Proxy {
                     && answer.response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let upstream_upgrade = hyper::upgrade::on(&mut answer.response);
+                    let drain = self.drain.clone();
                     tokio::spawn(
-                        splice_upgraded(downstream_upgrade, upstream_upgrade)
-                            .instrument(debug_span!("upgraded")),
+                        async move {
+                            splice_upgraded(downstream_upgrade, upstream_upgrade).await;
+                            drop(drain);
+                        }
+                        .instrument(debug_span!("upgraded")),
                     );
                 }
                 let (mut response, incoming) = answer.response.into_parts();
@@ -563,8 +578,10 @@ impl Proxy {
             http2: plan.http2,
         };
         let parts = parts.clone();
+        let drain = self.drain.clone();
         tokio::spawn(
             async move {
+                let _drain = drain;
                 let body = RequestBody::Buffered { data, trailers };
                 match forwarder.forward(&plan, &parts, body, client).await {
                     Ok(answer) => {
