@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::copy::{ReadReady, copy_bidirectional};
 use weft_core::drain;
-use weft_core::hbone::headers::{FORWARDED, Forwarded};
+use weft_core::hbone::headers::{FORWARDED, Forwarded, ForwardedFor};
 use weft_core::hbone::{
     Authority, ConnectRequest, Decision, Handler, Refusal, Stream as HboneStream,
 };
@@ -192,7 +192,10 @@ impl Handler for Inbound {
             .and_then(|v| v.to_str().ok())
             .map(Forwarded::parse)
             .and_then(|f| f.for_addr)
-            .map_or(request.peer_addr, |f| SocketAddr::new(f.ip(), 0));
+            .map_or(request.peer_addr, |f| match f {
+                ForwardedFor::Socket(addr) => addr,
+                ForwardedFor::Ip(ip) => SocketAddr::new(ip, 0),
+            });
         let stream = Stream {
             proxy: self.proxy.clone(),
             target,

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 use weft_core::SpiffeId;
 use weft_core::copy::ReadReady;
-use weft_core::hbone::{self, headers::Forwarded};
+use weft_core::hbone;
 use weft_core::state::{TunnelProtocol, Workload, target_port};
 
 use crate::body::{BoxBody, RequestBody};
@@ -435,7 +435,7 @@ impl Forwarder {
                 None,
             );
             let mut headers = HeaderMap::new();
-            if let Some(value) = Forwarded::to_header_value(client, None) {
+            if let Some(value) = forwarded_for(client) {
                 headers.insert(hbone::headers::FORWARDED, value);
             }
             let stream = self
@@ -605,6 +605,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `forwarded` value naming the original client's IP (RFC 7239 §6; IPv6 in brackets).
+/// The port is left out: upstream connections are pooled per client IP, not per client
+/// connection.
+fn forwarded_for(client: SocketAddr) -> Option<HeaderValue> {
+    let text = match client.ip() {
+        IpAddr::V4(ip) => format!("for=\"{ip}\""),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
 /// The upstream request for one attempt: origin-form URI and `host` for HTTP/1.1, absolute URI
 /// for HTTP/2 (`:authority` from the request's authority or `host`).
 fn build_request(parts: &http::request::Parts, body: BoxBody, http2: bool) -> Request<BoxBody> {
@@ -681,6 +692,19 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn forwarded_names_the_client() {
+        let f = |a: &str| forwarded_for(a.parse().unwrap()).unwrap();
+        assert_eq!(f("10.0.0.1:0"), "for=\"10.0.0.1\"");
+        assert_eq!(f("10.0.0.1:4000"), "for=\"10.0.0.1\"");
+        assert_eq!(f("[fd00::1]:0"), "for=\"[fd00::1]\"");
+        let parsed = hbone::headers::Forwarded::parse(f("[fd00::1]:0").to_str().unwrap());
+        assert_eq!(
+            parsed.for_addr.unwrap().ip(),
+            "fd00::1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -35,6 +35,16 @@ async fn http1_is_detected_and_forwarded_over_hbone() {
         assert_eq!(headers["x-proto"], "HTTP/1.1");
     }
     assert_eq!(app.count.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // The second hop: the waypoint's own identity, the original client in `forwarded`, and
+    // one pooled HTTP connection for the three requests.
+    let connects = mesh.connects.lock().unwrap().clone();
+    assert_eq!(
+        connects,
+        vec![(
+            "for=\"127.0.0.2\"".to_owned(),
+            "spiffe://cluster.local/ns/app/sa/wp".to_owned()
+        )]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,13 +265,23 @@ pub async fn tcp_echo(ip: IpAddr) -> SocketAddr {
     addr
 }
 
-/// The destination side of an endpoint (what its ztunnel does): CONNECT `ip:port` → TCP to it.
-struct Deliver;
+/// The destination side of an endpoint (what its ztunnel does): CONNECT `ip:port` → TCP to it;
+/// records each CONNECT's `forwarded` header and peer identity.
+struct Deliver(Arc<Mutex<Vec<(String, String)>>>);
 
 impl Handler for Deliver {
     type Upstream = TcpStream;
 
     async fn decide(&self, request: &ConnectRequest) -> Decision<TcpStream> {
+        let forwarded = request
+            .headers
+            .get("forwarded")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        self.0
+            .lock()
+            .unwrap()
+            .push((forwarded, request.peer_identity.to_string()));
         let hbone::Authority::Addr(addr) = request.authority else {
             return Decision::Refuse(Refusal::BadRequest);
         };
@@ -311,6 +321,8 @@ pub struct Mesh {
     pub client_pool: Pool,
     pub drain: Option<drain::Trigger>,
     pub watch: drain::Watch,
+    /// What endpoints saw: (`forwarded`, peer identity) per CONNECT.
+    pub connects: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Mesh {
@@ -367,6 +379,7 @@ impl Mesh {
             client_pool,
             drain: Some(trigger),
             watch,
+            connects: Arc::default(),
         };
         mesh.apply(vec![workload(
             "client",
@@ -391,8 +404,12 @@ impl Mesh {
         self.ports.0.lock().unwrap().insert(ip, port);
         let cert = Arc::new(self.ca.issue(&id("app", sa)).unwrap());
         tokio::spawn(
-            Arc::new(Server::new(Settings::default(), cert, Arc::new(Deliver)))
-                .serve(listener, self.watch.clone()),
+            Arc::new(Server::new(
+                Settings::default(),
+                cert,
+                Arc::new(Deliver(self.connects.clone())),
+            ))
+            .serve(listener, self.watch.clone()),
         );
     }
 
