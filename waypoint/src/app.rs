@@ -181,7 +181,7 @@ pub fn config_dump(
                 .workloads
                 .endpoints(s.key())
                 .map(|w| {
-                    let h = health.iter().find(|(uid, _)| **uid == *w.uid).map(|(_, h)| h);
+                    let h = health.iter().find(|(uid, _)| *uid == w.uid).map(|(_, h)| h);
                     serde_json::json!({
                         "uid": w.uid,
                         "name": w.name,

@@ -86,7 +86,7 @@ impl Health {
 #[derive(Debug, Default)]
 struct ServiceHealth {
     rr: usize,
-    endpoints: HashMap<Arc<str>, Health>,
+    endpoints: HashMap<String, Health>,
 }
 
 /// Holds one request's place in an endpoint's outstanding count until dropped.
@@ -125,8 +125,8 @@ impl Balancer {
         &self,
         service: &str,
         lb: LoadBalancer,
-        uids: &[Arc<str>],
-        tried: &[Arc<str>],
+        uids: &[&str],
+        tried: &[&str],
     ) -> Option<(usize, InFlight)> {
         let now = Instant::now();
         let mut services = self
@@ -139,22 +139,26 @@ impl Balancer {
         let svc = services.get_mut(service)?;
         let candidates: Vec<Candidate> = uids
             .iter()
-            .map(|uid| {
-                let health = svc.endpoints.entry(uid.clone()).or_default();
+            .map(|&uid| {
+                if !svc.endpoints.contains_key(uid) {
+                    svc.endpoints.insert(uid.to_owned(), Health::default());
+                }
+                let health = &svc.endpoints[uid];
                 Candidate {
                     outstanding: health.outstanding.load(Ordering::Relaxed),
                     ejected: health.ejected(now),
-                    tried: tried.contains(uid),
+                    tried: tried.contains(&uid),
                 }
             })
             .collect();
         if svc.endpoints.len() > uids.len() {
             // Forget endpoints that left the service.
-            let current: std::collections::HashSet<&Arc<str>> = uids.iter().collect();
-            svc.endpoints.retain(|uid, _| current.contains(uid));
+            let current: std::collections::HashSet<&str> = uids.iter().copied().collect();
+            svc.endpoints
+                .retain(|uid, _| current.contains(uid.as_str()));
         }
         let index = choose(lb, &candidates, &mut svc.rr, &mut rand::rng())?;
-        let health = svc.endpoints.get(&uids[index])?;
+        let health = svc.endpoints.get(uids[index])?;
         health.outstanding.fetch_add(1, Ordering::Relaxed);
         Some((index, InFlight(health.outstanding.clone())))
     }
@@ -164,7 +168,7 @@ impl Balancer {
     pub fn record(
         &self,
         service: &str,
-        uid: &Arc<str>,
+        uid: &str,
         failed: bool,
         detection: Option<OutlierDetection>,
         total: usize,
@@ -215,7 +219,7 @@ impl Balancer {
     }
 
     /// The state of `service`'s endpoints by uid.
-    pub fn report(&self, service: &str) -> Vec<(Arc<str>, EndpointReport)> {
+    pub fn report(&self, service: &str) -> Vec<(String, EndpointReport)> {
         let now = Instant::now();
         let services = self
             .services
@@ -253,8 +257,8 @@ mod tests {
 
     use super::*;
 
-    fn uids(n: usize) -> Vec<Arc<str>> {
-        (0..n).map(|i| Arc::from(format!("ep{i}"))).collect()
+    fn uids(n: usize) -> Vec<&'static str> {
+        ["ep0", "ep1", "ep2", "ep3"][..n].to_vec()
     }
 
     #[test]
@@ -355,14 +359,14 @@ mod tests {
         });
         b.pick("s", LoadBalancer::RoundRobin, &eps, &[]).unwrap();
         for _ in 0..2 {
-            b.record("s", &eps[0], true, od, 2);
+            b.record("s", eps[0], true, od, 2);
         }
-        b.record("s", &eps[0], false, od, 2); // success resets the count
+        b.record("s", eps[0], false, od, 2); // success resets the count
         for _ in 0..2 {
-            b.record("s", &eps[0], true, od, 2);
+            b.record("s", eps[0], true, od, 2);
         }
         assert_eq!(b.report("s")[0].1.ejections, 0);
-        b.record("s", &eps[0], true, od, 2);
+        b.record("s", eps[0], true, od, 2);
         assert_eq!(b.report("s")[0].1.ejections, 1);
         for _ in 0..10 {
             let (i, _) = b.pick("s", LoadBalancer::RoundRobin, &eps, &[]).unwrap();
@@ -370,14 +374,14 @@ mod tests {
         }
         // The cap: the other endpoint cannot be ejected while 50% already is.
         for _ in 0..3 {
-            b.record("s", &eps[1], true, od, 2);
+            b.record("s", eps[1], true, od, 2);
         }
         assert_eq!(b.report("s")[1].1.ejections, 0);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(b.report("s")[0].1.ejected_for.is_none());
         // The second ejection lasts twice as long.
         for _ in 0..3 {
-            b.record("s", &eps[0], true, od, 2);
+            b.record("s", eps[0], true, od, 2);
         }
         assert_eq!(
             b.report("s")[0].1.ejected_for,

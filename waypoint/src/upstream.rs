@@ -68,12 +68,17 @@ pub struct Plan {
 /// One endpoint of a destination.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// The workload uid.
-    pub uid: Arc<str>,
     /// `endpointIP:targetPort`.
     pub addr: SocketAddr,
     /// The workload.
     pub workload: Arc<Workload>,
+}
+
+impl Endpoint {
+    /// The workload uid.
+    pub fn uid(&self) -> &str {
+        &self.workload.uid
+    }
 }
 
 /// A forwarded request's answer and who gave it.
@@ -178,7 +183,6 @@ impl Forwarder {
                 Ok((
                     format!("workload/{}", workload.uid),
                     vec![Endpoint {
-                        uid: Arc::from(workload.uid.as_str()),
                         addr: SocketAddr::new(ip, *port),
                         workload: workload.clone(),
                     }],
@@ -195,7 +199,6 @@ impl Forwarder {
                         let ip = *w.ips.first()?;
                         let port = target_port(w, service, target.port)?;
                         Some(Endpoint {
-                            uid: Arc::from(w.uid.as_str()),
                             addr: SocketAddr::new(ip, port),
                             workload: w.clone(),
                         })
@@ -232,20 +235,21 @@ impl Forwarder {
                 Some(r) if body.replayable() => r.attempts.max(1),
                 _ => 1,
             };
-            let mut tried: Vec<Arc<str>> = Vec::new();
+            let mut tried: Vec<String> = Vec::new();
             let mut attempt = 0u32;
             loop {
                 attempt += 1;
                 let (key, endpoints) = self.endpoints(&plan.destination)?;
-                let uids: Vec<Arc<str>> = endpoints.iter().map(|e| e.uid.clone()).collect();
+                let uids: Vec<&str> = endpoints.iter().map(Endpoint::uid).collect();
+                let tried_uids: Vec<&str> = tried.iter().map(String::as_str).collect();
                 let (index, in_flight) = self
                     .balancer
-                    .pick(&key, plan.load_balancer, &uids, &tried)
+                    .pick(&key, plan.load_balancer, &uids, &tried_uids)
                     .ok_or_else(|| {
                         Error::NoHealthyUpstream(Self::destination_name(&plan.destination))
                     })?;
                 let endpoint = endpoints[index].clone();
-                tried.push(endpoint.uid.clone());
+                tried.push(endpoint.uid().to_owned());
                 if let Ok(mut last) = last_endpoint.lock() {
                     *last = Some(endpoint.clone());
                 }
@@ -267,7 +271,7 @@ impl Forwarder {
                 };
                 self.balancer.record(
                     &key,
-                    &endpoint.uid,
+                    endpoint.uid(),
                     failed,
                     plan.outlier_detection,
                     endpoints.len(),
@@ -511,7 +515,7 @@ impl Forwarder {
         client: SocketAddr,
     ) -> Result<(Endpoint, Box<dyn Io>, InFlight), Failure> {
         let (key, endpoints) = self.endpoints(destination)?;
-        let uids: Vec<Arc<str>> = endpoints.iter().map(|e| e.uid.clone()).collect();
+        let uids: Vec<&str> = endpoints.iter().map(Endpoint::uid).collect();
         let (index, in_flight) = self
             .balancer
             .pick(&key, load_balancer, &uids, &[])
