@@ -391,6 +391,34 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
         "{text}"
     );
 
+    // `weft ztunnel-config services` shows which waypoint each service uses.
+    let out = Command::new(WEFT)
+        .args([
+            "ztunnel-config",
+            "services",
+            "-o",
+            "json",
+            "--name",
+            cluster.layout().name(),
+        ])
+        .output()
+        .unwrap();
+    let services: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let waypoint_of = |name: &str| {
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["waypoint"].clone())
+    };
+    assert_eq!(
+        waypoint_of("echo"),
+        Some(Value::from("waypoint.app.svc.cluster.local:15008")),
+        "{services}"
+    );
+    assert_eq!(waypoint_of("plain"), Some(Value::Null), "{services}");
+
     // A service no waypoint is bound to never touches it.
     let plain = format!("http://{}/", cluster_ip(&cluster, "other", "plain"));
     assert!(all_ok(
