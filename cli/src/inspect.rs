@@ -236,6 +236,7 @@ pub fn ztunnel_config(
             "WORKLOAD-NODE",
             "PROTOCOL",
             "IDENTITY",
+            "WAYPOINT",
         ],
         Section::Services => vec![
             "NODE",
@@ -274,6 +275,7 @@ pub fn ztunnel_config(
             "node",
             "protocol",
             "identity",
+            "waypoint",
         ],
         Section::Services => vec![
             "namespace",

@@ -429,6 +429,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         "uid": w.uid, "name": w.name, "namespace": w.namespace,
                         "addresses": w.ips, "node": w.node, "identity": w.identity().to_string(),
                         "protocol": format!("{:?}", w.tunnel), "healthy": w.healthy,
+                        "waypoint": w.waypoint.as_ref().map(ToString::to_string),
                     }))
                     .collect();
                 let services: Vec<serde_json::Value> = inner
@@ -441,7 +442,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                             "vips": s.vips.iter().map(|v| v.address.to_string()).collect::<Vec<_>>(),
                             "ports": s.ports.iter().map(|p| format!("{}→{}", p.service_port, p.target_port)).collect::<Vec<_>>(),
                             "endpoints": endpoints,
-                            "waypoint": s.waypoint.is_some(),
+                            "waypoint": s.waypoint.as_ref().map(ToString::to_string),
                         })
                     })
                     .collect();

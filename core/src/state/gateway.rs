@@ -66,6 +66,24 @@ impl GatewayAddress {
     }
 }
 
+/// `hostname:port` for a service-named gateway, `ip:port` (after `network/` when not the default
+/// network) for an address.
+impl std::fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.destination {
+            GatewayDestination::Hostname { hostname, .. } => {
+                write!(f, "{hostname}:{}", self.hbone_port)
+            }
+            GatewayDestination::Address { network, ip } => {
+                if !network.is_empty() {
+                    write!(f, "{network}/")?;
+                }
+                write!(f, "{}", std::net::SocketAddr::new(*ip, self.hbone_port))
+            }
+        }
+    }
+}
+
 /// Converts an optional gateway field, naming `field` in the error.
 pub(crate) fn convert_optional(
     gw: Option<proto::GatewayAddress>,

@@ -1201,3 +1201,24 @@ fn weighted_waypoints_are_drawn_by_weight() {
         }
     }
 }
+
+#[test]
+fn gateway_addresses_display_as_host_or_address_with_port() {
+    use crate::state::{GatewayAddress, GatewayDestination};
+    let host = GatewayAddress {
+        destination: GatewayDestination::Hostname {
+            namespace: "app".into(),
+            hostname: "waypoint.app.svc.cluster.local".into(),
+        },
+        hbone_port: 15008,
+    };
+    assert_eq!(host.to_string(), "waypoint.app.svc.cluster.local:15008");
+    let addr = GatewayAddress {
+        destination: GatewayDestination::Address {
+            network: "net1".into(),
+            ip: "10.0.0.7".parse().unwrap(),
+        },
+        hbone_port: 15008,
+    };
+    assert_eq!(addr.to_string(), "net1/10.0.0.7:15008");
+}
