@@ -166,8 +166,9 @@ pub(crate) fn run(args: &Args) -> Result<WaypointResult> {
         .pod_netns(waypoint.uid().context("waypoint uid")?);
     let waypoint_pid = pid_in_netns("waypoint", &waypoint_netns)?;
     let mut targets = Vec::new();
-    for ns in ["l4", "l7"] {
-        let pods = cluster.wait_ready(ns, &[], 2, ready)?;
+    // l7 also holds the waypoint's pod.
+    for (ns, pod_count) in [("l4", 2), ("l7", 3)] {
+        let pods = cluster.wait_ready(ns, &[], pod_count, ready)?;
         let client = pods
             .iter()
             .find(|p| p.name() == "client")
