@@ -265,7 +265,7 @@ fn run_suite(runtime: &Runtime, mut args: RunArgs, dir: &Path) -> Result<ExitCod
         "quick": args.quick,
         "elapsed_secs": elapsed,
         "scenarios": statuses,
-        "targets": suite::targets_table(&results),
+        "targets": suite::targets_json(&results),
     });
     write(dir, "run", summary, timestamp)?;
     if failures.is_empty() {
@@ -336,4 +336,26 @@ fn run_controller(
     let path = controller::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_is_consistent() {
+        // Clap's own checks (unique argument ids and flags across the flattened scenario options).
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["weft-bench", "run", "--quick", "--scenario", "mesh,latency"])
+                .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert!(args.quick);
+        assert_eq!(args.scenario, ["mesh", "latency"]);
+        assert_eq!(args.latency.connections, [1, 16, 64]);
+        assert!(Cli::try_parse_from(["weft-bench", "run", "--scenario", "nope"]).is_err());
+    }
 }

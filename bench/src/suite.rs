@@ -274,29 +274,55 @@ pub(crate) enum Outcome {
     Skipped,
 }
 
-/// The targets table: `| target | value | bound | met |` for every target, from `results`
-/// (scenario name → outcome).
+/// Each target's measured value (`None` when not measured) and verdict: `met`, `gap`,
+/// `no figure`, `failed`, `not run` or `not on this branch`.
+pub(crate) fn evaluate(
+    results: &[(&str, Outcome)],
+) -> Vec<(&'static Target, Option<f64>, &'static str)> {
+    TARGETS
+        .iter()
+        .map(|t| {
+            let outcome = results
+                .iter()
+                .find(|(n, _)| *n == t.scenario)
+                .map(|(_, o)| o);
+            let (value, verdict) = match (scenario(t.scenario), outcome) {
+                (None, _) => (None, "not on this branch"),
+                (Some(_), Some(Outcome::Ran(v, _))) => match figure(v, t.pointer) {
+                    Some(x) if x.is_finite() => {
+                        (Some(x), if t.bound.met(x) { "met" } else { "gap" })
+                    }
+                    _ => (None, "no figure"),
+                },
+                (Some(_), Some(Outcome::Failed(_))) => (None, "failed"),
+                (Some(_), _) => (None, "not run"),
+            };
+            (t, value, verdict)
+        })
+        .collect()
+}
+
+/// [`evaluate`] as JSON: `[{"target", "scenario", "pointer", "bound", "value", "verdict"}]`.
+pub(crate) fn targets_json(results: &[(&str, Outcome)]) -> Value {
+    evaluate(results)
+        .into_iter()
+        .map(|(t, value, verdict)| {
+            serde_json::json!({
+                "target": t.label, "scenario": t.scenario, "pointer": t.pointer,
+                "bound": t.bound.text(t.unit), "value": value, "verdict": verdict,
+            })
+        })
+        .collect()
+}
+
+/// The targets table: `| target | scenario | measured | target | met |` for every target, from
+/// `results` (scenario name → outcome).
 pub(crate) fn targets_table(results: &[(&str, Outcome)]) -> String {
     let mut out = String::from(
         "| target | scenario | measured | target | met |\n|--------|----------|---------:|--------|:---:|\n",
     );
-    for t in TARGETS {
-        let outcome = results
-            .iter()
-            .find(|(n, _)| *n == t.scenario)
-            .map(|(_, o)| o);
-        let (measured, met) = match (scenario(t.scenario), outcome) {
-            (None, _) => ("—".to_owned(), "not on this branch".to_owned()),
-            (Some(_), Some(Outcome::Ran(v, _))) => match figure(v, t.pointer) {
-                Some(x) if x.is_finite() => {
-                    let met = if t.bound.met(x) { "met" } else { "gap" };
-                    (format!("{x:.3}{}", t.unit), met.to_owned())
-                }
-                _ => ("—".to_owned(), "no figure".to_owned()),
-            },
-            (Some(_), Some(Outcome::Failed(_))) => ("—".to_owned(), "failed".to_owned()),
-            (Some(_), _) => ("—".to_owned(), "not run".to_owned()),
-        };
+    for (t, value, met) in evaluate(results) {
+        let measured = value.map_or("—".to_owned(), |x| format!("{x:.3}{}", t.unit));
         out.push_str(&format!(
             "| {} | {} | {measured} | {} | {met} |\n",
             t.label,

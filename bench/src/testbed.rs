@@ -318,7 +318,12 @@ fn wait_enrolled(cluster: &Cluster, pods: &[(&str, &str)], timeout: Duration) ->
 /// (certificates fetched, HBONE pools connected, the waypoint configured).
 fn warm_up(path: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut echo = vec![path.echo_addr()?];
+    // The L7 path carries HTTP to the Service only; the TCP echo ports are used through S0 and
+    // L4.
+    let mut echo = Vec::new();
+    if path.ns != "l7" {
+        echo.push(path.echo_addr()?);
+    }
     if let Some(ip) = &path.local_server_ip {
         echo.push(format!("{ip}:9000").parse()?);
     }

@@ -19,10 +19,18 @@ use crate::testbed::Testbed;
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Args {
     /// Connections of the closed-loop runs [quick: 8].
-    #[arg(long = "waypoint-max-connections", default_value_t = 32)]
+    #[arg(
+        id = "waypoint_max_connections",
+        long = "waypoint-max-connections",
+        default_value_t = 32
+    )]
     pub(crate) max_connections: u32,
     /// Seconds of each closed-loop run [quick: 1].
-    #[arg(long = "waypoint-max-secs", default_value_t = 10)]
+    #[arg(
+        id = "waypoint_max_secs",
+        long = "waypoint-max-secs",
+        default_value_t = 10
+    )]
     pub(crate) max_secs: u64,
 }
 
