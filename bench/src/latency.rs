@@ -24,6 +24,7 @@ use crate::testbed::{Path, Testbed};
 
 /// Arguments of `latency`.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "latency_args")]
 pub(crate) struct Args {
     /// Requests per second of every fixed-rate run.
     #[arg(long, default_value_t = 1000)]

@@ -27,6 +27,7 @@ use crate::testbed::{Path, Testbed};
 
 /// Arguments of `mesh`.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "mesh_args")]
 pub(crate) struct Args {
     /// Seconds per iperf3 throughput run [quick: 1].
     #[arg(long, default_value_t = 5)]

@@ -24,6 +24,7 @@ use crate::procfs;
 
 /// Arguments shared by the cluster scenarios.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "testbed_args")]
 pub(crate) struct Args {
     /// Name of the local cluster the cluster scenarios create and remove.
     #[arg(long, default_value = "bench")]

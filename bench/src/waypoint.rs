@@ -17,6 +17,7 @@ use crate::testbed::Testbed;
 
 /// Arguments of `waypoint`.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "waypoint_args")]
 pub(crate) struct Args {
     /// Connections of the closed-loop runs [quick: 8].
     #[arg(
