@@ -7,14 +7,16 @@
 //! request's scheduled time, so stalls count against the requests queued behind them). Per
 //! connection count: a 1 s warm-up per path (discarded), then two rounds of `--latency-secs / 2`
 //! alternating the paths. Reported: p50/p90/p99/p99.9/max per path, L4 − S0, L7 − S0, L7 − L4.
+//! S0 and L4 are also measured same-node: to the node-1 `server-local` pod's IP (port 8080).
 //!
 //! During the L4 runs at `--resource-connections` (16) both ztunnels' CPU-seconds and peak RSS
 //! (VmHWM, reset just before) are read; during the L7 runs the waypoint's. Cores = CPU-seconds /
 //! wall seconds of those runs.
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde_json::{Map, Value, json};
 
 use crate::load::{self, Latency};
@@ -58,16 +60,31 @@ struct Usage {
 /// # Errors
 /// Connecting, the proxies gone.
 pub(crate) fn run(bed: &Testbed, args: &Args) -> Result<Value> {
-    let paths: [&Path; 3] = [&bed.s0, &bed.l4, &bed.l7];
+    // S0, L4, L7 to the node-2 server's VIP; then S0 and L4 to the node-1 server's pod IP.
+    let same = |p: &Path| -> Result<(&'static str, String, SocketAddr)> {
+        let ip = p
+            .local_server_ip
+            .as_deref()
+            .context("no same-node server")?;
+        Ok((p.ns, p.client_netns.clone(), format!("{ip}:8080").parse()?))
+    };
+    let cross = |p: &Path| (p.ns, p.client_netns.clone(), p.vip);
+    let paths = [
+        cross(&bed.s0),
+        cross(&bed.l4),
+        cross(&bed.l7),
+        same(&bed.s0)?,
+        same(&bed.l4)?,
+    ];
     let half = args.latency_secs.div_ceil(2).max(1);
     let mut grid = Map::new();
     let (mut zt_usage, mut wp_usage) = (Usage::default(), Usage::default());
     let (mut zt_peak, mut wp_peak) = ([0u64; 2], 0u64);
     for &conns in &args.connections {
         let measure = conns == args.resource_connections;
-        for path in paths {
+        for (_, netns, addr) in &paths {
             load::fixed_rate_over(
-                load::open_http(&path.client_netns, path.vip, conns)?,
+                load::open_http(netns, *addr, conns)?,
                 args.rate,
                 1,
                 load::post,
@@ -78,10 +95,10 @@ pub(crate) fn run(bed: &Testbed, args: &Args) -> Result<Value> {
                 reset_peak(pid)?;
             }
         }
-        let mut samples: [(Vec<_>, usize); 3] = Default::default();
+        let mut samples: [(Vec<_>, usize); 5] = Default::default();
         for round in 1..=2 {
-            for (i, path) in paths.into_iter().enumerate() {
-                let open = load::open_http(&path.client_netns, path.vip, conns)?;
+            for (i, (ns, netns, addr)) in paths.iter().enumerate() {
+                let open = load::open_http(netns, *addr, conns)?;
                 let watched: &[i32] = match (measure, i) {
                     (true, 1) => &bed.ztunnels,
                     (true, 2) => std::slice::from_ref(&bed.waypoint),
@@ -105,9 +122,9 @@ pub(crate) fn run(bed: &Testbed, args: &Args) -> Result<Value> {
                     }
                     _ => {}
                 }
+                let placement = if i < 3 { "cross-node" } else { "same-node" };
                 eprintln!(
-                    "latency {conns} conns {} round {round}: {} samples, {e} errors",
-                    path.ns,
+                    "latency {conns} conns {ns} {placement} round {round}: {} samples, {e} errors",
                     s.len()
                 );
                 samples[i].0.extend(s);
@@ -121,7 +138,7 @@ pub(crate) fn run(bed: &Testbed, args: &Args) -> Result<Value> {
             ];
             wp_peak = peak_rss_bytes(bed.waypoint)?;
         }
-        let [s0, l4, l7] = samples.map(|(s, e)| Latency::from_samples(s, e));
+        let [s0, l4, l7, s0_same, l4_same] = samples.map(|(s, e)| Latency::from_samples(s, e));
         grid.insert(
             format!("c{conns}"),
             json!({
@@ -129,6 +146,8 @@ pub(crate) fn run(bed: &Testbed, args: &Args) -> Result<Value> {
                 "s0": s0.json(), "l4": l4.json(), "l7": l7.json(),
                 "l4_added": l4.added_json(&s0), "l7_added": l7.added_json(&s0),
                 "l7_over_l4": l7.added_json(&l4),
+                "s0_same": s0_same.json(), "l4_same": l4_same.json(),
+                "l4_same_added": l4_same.added_json(&s0_same),
             }),
         );
     }
@@ -197,6 +216,20 @@ fn print(v: &Value, args: &Args) {
             g["l7"]["samples"],
             g["l7"]["errors"]
         );
+        println!();
+        println!("same node (server-local on node-1, pod IP), {conns} connection(s):");
+        println!();
+        println!("| percentile | S0 | L4 | L4 − S0 |");
+        println!("|------------|---:|---:|--------:|");
+        for key in ["p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms"] {
+            println!(
+                "| {} | {:.3} | {:.3} | {:+.3} |",
+                key.trim_end_matches("_ms").replace('_', "."),
+                num(&g["s0_same"][key]),
+                num(&g["l4_same"][key]),
+                num(&g["l4_same_added"][key]),
+            );
+        }
     }
     println!();
     println!(

@@ -69,6 +69,8 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
             ("/grid/c64/s0/p99_ms", Positive),
             ("/grid/c64/l4/p99_ms", Positive),
             ("/grid/c64/l7/p99_ms", Positive),
+            ("/grid/c16/s0_same/p99_ms", Positive),
+            ("/grid/c16/l4_same/p99_ms", Positive),
             ("/ztunnel_at_rate/cores", Positive),
             ("/ztunnel_at_rate/peak_rss_mb_max", Positive),
             ("/waypoint_at_rate/cores", Positive),
