@@ -45,6 +45,7 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Arguments of the `hbone` scenario.
 #[derive(Debug, Clone, clap::Args)]
+#[group(id = "hbone_args")]
 pub(crate) struct Args {
     /// Bytes sent per measured run, per path.
     #[arg(

@@ -1,16 +1,18 @@
-//! `weft-bench`: Weft benchmarks, one scenario per subcommand.
+//! `weft-bench`: Weft's benchmark suite (issue 9). `weft-bench run [--quick] [--scenario …]`
+//! runs every scenario (or the listed ones), prints each one's Markdown tables and then issue 9's
+//! targets with met/gap, writes each scenario's JSON to `bench/results/<scenario>-<unix-time>.json`
+//! and a summary to `run-<unix-time>.json`, and exits non-zero when a scenario failed or produced a
+//! missing or NaN figure. Each scenario is also a subcommand:
 //!
 //! * `hbone`: single-stream loopback throughput of plain TCP, plain mTLS and HBONE.
 //! * `controller`: the control plane on a synthetic cluster: full translation time,
 //!   change-to-delta latency with N connected delta ADS clients, resident memory.
-//! * `mesh`: the L4 mesh on a 2-node local cluster vs the same pods without it: cross-node
-//!   throughput, fixed-rate 1 KiB latency, ztunnel memory per idle proxied connection (root).
-//! * `waypoint`: the L7 path (ztunnel → waypoint → ztunnel) vs the L4 path on the local
-//!   cluster: added latency at a fixed rate, waypoint CPU and memory, requests/s per waypoint
-//!   core (root).
-//! * `run`: every scenario in turn (`hbone`, `controller`, `mesh`, then `waypoint`).
+//! * `latency`, `waypoint`, `mesh` (root): on one shared 2-node local cluster ([`testbed`]) with
+//!   S0 (no mesh), L4 (two ztunnels) and L7 (+ waypoint) side by side: fixed-rate latency and the
+//!   proxies' CPU and memory at 1,000 requests/s; requests/s per waypoint core; L4 throughput,
+//!   requests/s and new connections/s per ztunnel core, and memory per idle connection.
 //!
-//! Results go to stdout as a Markdown table and to `bench/results/<scenario>-<unix-time>.json`.
+//! The list of scenarios, their required figures and the targets are in [`suite`].
 
 // A benchmark's report is its output: printing the result table to stdout is the point of this
 // binary, so the workspace's `print_stdout` lint does not apply here.
@@ -18,16 +20,28 @@
 
 mod controller;
 mod hbone;
+mod latency;
+mod load;
 mod mesh;
+mod procfs;
 mod report;
+mod suite;
+mod testbed;
 mod waypoint;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
 
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
-/// Tokio worker threads for every scenario: sender, proxies and receiver share them.
+use suite::Outcome;
+use testbed::Testbed;
+
+/// Tokio worker threads for the in-process scenarios: sender, proxies and receiver share them.
 const WORKER_THREADS: usize = 2;
 
 #[derive(Debug, Parser)]
@@ -43,93 +57,305 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The suite: every scenario (or those of --scenario), then issue 9's targets.
+    Run(RunArgs),
     /// Single-stream loopback throughput: plain TCP vs plain mTLS vs HBONE.
     Hbone(hbone::Args),
     /// Control plane: full translation, change-to-delta latency with N ADS clients, memory.
     Controller(controller::Args),
-    /// The L4 mesh on the local cluster vs no mesh: throughput, latency, ztunnel memory (root).
-    Mesh(mesh::Args),
-    /// The L7 path through a waypoint vs the L4 path: latency, waypoint CPU/memory, req/s per core (root).
-    Waypoint(waypoint::Args),
-    /// Every scenario in turn: hbone, controller, mesh, then waypoint.
-    Run(RunArgs),
+    /// Fixed-rate latency through S0, L4 and L7; proxy CPU/RSS at that rate (root).
+    Latency {
+        #[command(flatten)]
+        testbed: testbed::Args,
+        #[command(flatten)]
+        args: latency::Args,
+    },
+    /// Requests/s per waypoint core through L7 (root).
+    Waypoint {
+        #[command(flatten)]
+        testbed: testbed::Args,
+        #[command(flatten)]
+        args: waypoint::Args,
+    },
+    /// L4 vs no mesh: throughput, requests/s and connections/s per core, idle memory (root).
+    Mesh {
+        #[command(flatten)]
+        testbed: testbed::Args,
+        #[command(flatten)]
+        args: mesh::Args,
+    },
 }
 
-/// Arguments of `run`: those of every scenario it runs.
+/// Arguments of `run`.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// CI size: every scenario for about a second per measurement (small counts); every figure
+    /// is still produced. Overrides the scenarios' size options.
+    #[arg(long)]
+    quick: bool,
+
+    /// Scenarios to run, comma-separated [default: all, in the suite's order].
+    #[arg(long, value_delimiter = ',', value_parser = scenario_name)]
+    scenario: Vec<String>,
+
     #[command(flatten, next_help_heading = "hbone")]
     hbone: hbone::Args,
 
-    #[command(flatten, next_help_heading = "controller")]
-    controller: controller::Args,
+    #[command(flatten, next_help_heading = "cluster scenarios")]
+    testbed: testbed::Args,
 
-    #[command(flatten, next_help_heading = "mesh")]
-    mesh: mesh::Args,
+    #[command(flatten, next_help_heading = "latency")]
+    latency: latency::Args,
 
     #[command(flatten, next_help_heading = "waypoint")]
     waypoint: waypoint::Args,
+
+    #[command(flatten, next_help_heading = "mesh")]
+    mesh: mesh::Args,
+}
+
+fn scenario_name(name: &str) -> Result<String, String> {
+    match suite::scenario(name) {
+        Some(_) => Ok(name.to_owned()),
+        None => Err(format!(
+            "unknown scenario {name:?}; known: {}",
+            suite::SCENARIOS
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.about))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
 }
 
 fn default_results_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(WORKER_THREADS)
         .enable_all()
         .build()?;
+    let dir = &cli.results_dir;
+    let timestamp = report::unix_time();
     match cli.command {
-        Command::Hbone(args) => run_hbone(&runtime, &args, &cli.results_dir),
-        Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
-        Command::Mesh(args) => run_mesh(&args, &cli.results_dir),
-        Command::Waypoint(args) => run_waypoint(&args, &cli.results_dir),
-        Command::Run(args) => {
-            run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
-            println!();
-            run_controller(&runtime, &args.controller, &cli.results_dir)?;
-            println!();
-            run_mesh(&args.mesh, &cli.results_dir)?;
-            println!();
-            run_waypoint(&args.waypoint, &cli.results_dir)
+        Command::Run(args) => return run_suite(&runtime, args, dir),
+        Command::Hbone(args) => {
+            run_hbone(&runtime, &args, dir)?;
         }
+        Command::Controller(args) => {
+            run_controller(&runtime, &args, dir)?;
+        }
+        Command::Latency { testbed, args } => {
+            let bed = Testbed::up(&testbed)?;
+            write(dir, "latency", latency::run(&bed, &args)?, timestamp)?;
+        }
+        Command::Waypoint { testbed, args } => {
+            let bed = Testbed::up(&testbed)?;
+            write(dir, "waypoint", waypoint::run(&bed, &args)?, timestamp)?;
+        }
+        Command::Mesh { testbed, args } => {
+            let bed = Testbed::up(&testbed)?;
+            write(dir, "mesh", mesh::run(&bed, &args)?, timestamp)?;
+        }
+    }
+    println!();
+    println!("{}", report::machine_line());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `run`: the selected scenarios in the suite's order (one local cluster for all cluster
+/// scenarios), the targets table, the summary JSON; failure when any scenario failed or produced
+/// a missing/NaN figure.
+fn run_suite(runtime: &Runtime, mut args: RunArgs, dir: &Path) -> Result<ExitCode> {
+    if args.quick {
+        args.hbone.bytes = 64 << 20;
+        args.hbone.runs = 1;
+        args.latency.quick();
+        args.waypoint.quick();
+        args.mesh.quick();
+    }
+    let selected = |name: &str| args.scenario.is_empty() || args.scenario.iter().any(|s| s == name);
+    let timestamp = report::unix_time();
+    let started = Instant::now();
+    let mut bed: Option<Result<Testbed, String>> = None;
+    let mut results: Vec<(&str, Outcome)> = Vec::new();
+    for scenario in suite::SCENARIOS {
+        if !selected(scenario.name) {
+            results.push((scenario.name, Outcome::Skipped));
+            continue;
+        }
+        eprintln!("== scenario {}", scenario.name);
+        let scenario_started = Instant::now();
+        let result = if scenario.cluster {
+            let bed = bed.get_or_insert_with(|| {
+                Testbed::up(&args.testbed).map_err(|err| format!("local cluster: {err:#}"))
+            });
+            match bed {
+                Ok(bed) => run_on_cluster(scenario.name, bed, &args),
+                Err(err) => Err(anyhow::anyhow!("{err}")),
+            }
+        } else {
+            run_in_process(scenario.name, runtime, &args, dir)
+        };
+        let result = result.and_then(|value| {
+            if scenario.cluster {
+                write(dir, scenario.name, value.clone(), timestamp)?;
+            }
+            Ok(value)
+        });
+        println!();
+        let outcome = match result {
+            Ok(value) => {
+                let problems = suite::check(scenario, &value);
+                Outcome::Ran(value, problems)
+            }
+            Err(err) => {
+                eprintln!("scenario {} failed: {err:#}", scenario.name);
+                Outcome::Failed(format!("{err:#}"))
+            }
+        };
+        eprintln!(
+            "== scenario {} done in {:.1} s",
+            scenario.name,
+            scenario_started.elapsed().as_secs_f64()
+        );
+        results.push((scenario.name, outcome));
+    }
+    drop(bed);
+
+    println!(
+        "## weft-bench run: issue 9's targets{}",
+        if args.quick {
+            " (--quick: sizes too small for the verdicts to mean anything)"
+        } else {
+            ""
+        }
+    );
+    println!();
+    print!("{}", suite::targets_table(&results));
+    println!();
+    let mut failures = Vec::new();
+    let mut statuses = serde_json::Map::new();
+    for (name, outcome) in &results {
+        let status = match outcome {
+            Outcome::Ran(_, problems) if problems.is_empty() => json!("ok"),
+            Outcome::Ran(_, problems) => {
+                failures.push(format!("{name}: bad figures: {}", problems.join("; ")));
+                json!({"bad_figures": problems})
+            }
+            Outcome::Failed(err) => {
+                failures.push(format!("{name}: failed: {err}"));
+                json!({"failed": err})
+            }
+            Outcome::Skipped => json!("skipped"),
+        };
+        statuses.insert((*name).to_owned(), status);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("{}", report::machine_line());
+    println!(
+        "build: {}; {}; {elapsed:.0} s",
+        report::build_profile(),
+        if args.quick { "--quick" } else { "full run" }
+    );
+    let summary = json!({
+        "quick": args.quick,
+        "elapsed_secs": elapsed,
+        "scenarios": statuses,
+        "targets": suite::targets_json(&results),
+    });
+    write(dir, "run", summary, timestamp)?;
+    if failures.is_empty() {
+        println!("all scenarios ran and produced their figures");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED:");
+        for failure in &failures {
+            println!("* {failure}");
+        }
+        Ok(ExitCode::FAILURE)
     }
 }
 
-fn run_hbone(runtime: &Runtime, args: &hbone::Args, results_dir: &Path) -> anyhow::Result<()> {
+/// Runs a cluster scenario on the shared testbed; returns its JSON.
+fn run_on_cluster(name: &str, bed: &Testbed, args: &RunArgs) -> Result<Value> {
+    match name {
+        "latency" => latency::run(bed, &args.latency),
+        "waypoint" => waypoint::run(bed, &args.waypoint),
+        "mesh" => mesh::run(bed, &args.mesh),
+        // `engine`/`scale`: add their arm here (or in `run_in_process`) with their SCENARIOS entry.
+        other => anyhow::bail!("no runner for cluster scenario {other}"),
+    }
+}
+
+/// Runs an in-process scenario (it writes its own JSON); returns its JSON.
+fn run_in_process(name: &str, runtime: &Runtime, args: &RunArgs, dir: &Path) -> Result<Value> {
+    let path = match name {
+        "hbone" => run_hbone(runtime, &args.hbone, dir)?,
+        "controller" => {
+            let controller = controller::Args {
+                pods: None,
+                services: None,
+                policies: None,
+                clients: None,
+                quick: args.quick,
+            };
+            run_controller(runtime, &controller, dir)?
+        }
+        other => anyhow::bail!("no runner for scenario {other}"),
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn write(dir: &Path, scenario: &str, value: Value, timestamp: u64) -> Result<()> {
+    let path = report::write_json(scenario, value, dir, timestamp)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_hbone(runtime: &Runtime, args: &hbone::Args, results_dir: &Path) -> Result<PathBuf> {
     let result = runtime.block_on(hbone::run(args))?;
     report::print_hbone(&result);
     let path = report::write_hbone_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
-    Ok(())
-}
-
-fn run_mesh(args: &mesh::Args, results_dir: &Path) -> anyhow::Result<()> {
-    let result = mesh::run(args)?;
-    mesh::print(&result);
-    let path = mesh::write_json(&result, results_dir)?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
-}
-
-fn run_waypoint(args: &waypoint::Args, results_dir: &Path) -> anyhow::Result<()> {
-    let result = waypoint::run(args)?;
-    waypoint::print(&result);
-    let path = waypoint::write_json(&result, results_dir)?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    Ok(path)
 }
 
 fn run_controller(
     runtime: &Runtime,
     args: &controller::Args,
     results_dir: &Path,
-) -> anyhow::Result<()> {
+) -> Result<PathBuf> {
     let result = runtime.block_on(controller::run(args))?;
     controller::print(&result);
     let path = controller::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
-    Ok(())
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn command_line_is_consistent() {
+        // Clap's own checks (unique argument ids and flags across the flattened scenario options).
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["weft-bench", "run", "--quick", "--scenario", "mesh,latency"])
+                .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert!(args.quick);
+        assert_eq!(args.scenario, ["mesh", "latency"]);
+        assert_eq!(args.latency.connections, [1, 16, 64]);
+        assert!(Cli::try_parse_from(["weft-bench", "run", "--scenario", "nope"]).is_err());
+    }
 }

@@ -114,6 +114,38 @@ pub(crate) fn machine_json() -> serde_json::Value {
     serde_json::json!({"cpu_model": machine.cpu_model, "cores": machine.cores})
 }
 
+/// Writes a scenario's `value` (an object) as JSON to `dir/<scenario>-<timestamp>.json`, with
+/// `scenario`, `timestamp`, `build` and `machine` added.
+///
+/// # Errors
+/// Creating the directory or writing the file.
+pub(crate) fn write_json(
+    scenario: &str,
+    mut value: serde_json::Value,
+    dir: &Path,
+    timestamp: u64,
+) -> Result<PathBuf> {
+    if let Some(object) = value.as_object_mut() {
+        object.insert("scenario".into(), scenario.into());
+        object.insert("timestamp".into(), timestamp.into());
+        object.insert("build".into(), build_profile().into());
+        object.insert("machine".into(), machine_json());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{scenario}-{timestamp}.json"));
+    let mut text = serde_json::to_string_pretty(&value)?;
+    text.push('\n');
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The crypto provider the TLS paths ran on.
 fn crypto_provider() -> &'static str {
     if cfg!(feature = "fips") {
@@ -172,7 +204,7 @@ pub(crate) fn write_hbone_json(result: &HboneResult, dir: &Path) -> Result<PathB
     Ok(path)
 }
 
-fn build_profile() -> &'static str {
+pub(crate) fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
         "debug"
     } else {
