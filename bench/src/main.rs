@@ -20,6 +20,7 @@ mod controller;
 mod hbone;
 mod mesh;
 mod report;
+mod scale;
 mod waypoint;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,8 @@ enum Command {
     Mesh(mesh::Args),
     /// The L7 path through a waypoint vs the L4 path: latency, waypoint CPU/memory, req/s per core (root).
     Waypoint(waypoint::Args),
+    /// Config scale: controller and real-ztunnel memory and apply time at 10k/100k workloads.
+    Scale(scale::Args),
     /// Every scenario in turn: hbone, controller, mesh, then waypoint.
     Run(RunArgs),
 }
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
         Command::Mesh(args) => run_mesh(&args, &cli.results_dir),
         Command::Waypoint(args) => run_waypoint(&args, &cli.results_dir),
+        Command::Scale(args) => run_scale(&runtime, &args, &cli.results_dir),
         Command::Run(args) => {
             run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
             println!();
@@ -130,6 +134,14 @@ fn run_controller(
     let result = runtime.block_on(controller::run(args))?;
     controller::print(&result);
     let path = controller::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_scale(runtime: &Runtime, args: &scale::Args, results_dir: &Path) -> anyhow::Result<()> {
+    let result = runtime.block_on(scale::run(args))?;
+    scale::print(&result);
+    let path = scale::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
