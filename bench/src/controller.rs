@@ -105,6 +105,12 @@ pub(crate) struct Args {
     /// changes (explicit sizes still win).
     #[arg(long)]
     pub(crate) quick: bool,
+
+    /// Baseline: feed the server with a full translation and full publish of every resource on
+    /// each change (the translation loop before incremental translation), instead of the
+    /// production loop.
+    #[arg(long)]
+    pub(crate) full_translation: bool,
 }
 
 /// What the scenario builds and how often it measures.
@@ -235,6 +241,8 @@ pub(crate) struct ControllerResult {
     memory: Vec<(Stage, Option<Memory>)>,
     /// Whether the peak was reset at the start (else VmHWM is the whole process's peak).
     peak_reset: bool,
+    /// The baseline loop (`--full-translation`) fed the server.
+    full_translation: bool,
 }
 
 /// Runs the scenario.
@@ -313,12 +321,20 @@ pub(crate) async fn run(args: &Args) -> Result<ControllerResult> {
             .serve_with_incoming(incoming),
     );
     let started = Instant::now();
-    let translating = tokio::spawn(translation_loop(
-        index.clone(),
-        cache.clone(),
-        settings.clone(),
-        DEBOUNCE,
-    ));
+    let translating = if args.full_translation {
+        tokio::spawn(full_translation_loop(
+            index.clone(),
+            cache.clone(),
+            settings.clone(),
+        ))
+    } else {
+        tokio::spawn(translation_loop(
+            index.clone(),
+            cache.clone(),
+            settings.clone(),
+            DEBOUNCE,
+        ))
+    };
     wait_published(&cache, &sizes).await?;
     let loop_first_publish = started.elapsed();
     eprintln!(
@@ -423,7 +439,26 @@ pub(crate) async fn run(args: &Args) -> Result<ControllerResult> {
         changes,
         memory,
         peak_reset,
+        full_translation: args.full_translation,
     })
+}
+
+/// The baseline loop (`--full-translation`): on every index change, translate everything and
+/// publish everything (encode and hash every resource), as the translation loop did before
+/// incremental translation.
+async fn full_translation_loop(index: Arc<Index>, cache: Arc<Cache>, settings: Settings) {
+    let mut changes = index.changes();
+    loop {
+        let snapshot = index.snapshot();
+        let out = translate(&snapshot, &settings);
+        publish(&cache, &out);
+        drop(out);
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        changes.borrow_and_update();
+    }
 }
 
 /// Times `runs` re-publishes of `out` into a cache that already holds it: what the translation
@@ -1242,12 +1277,17 @@ pub(crate) fn print(result: &ControllerResult) {
     let counts = &result.counts;
     println!(
         "## weft-bench controller: {} pods, {} services, {} policies, {NAMESPACES} namespaces, \
-         {NODES} nodes, {} clients{}",
+         {NODES} nodes, {} clients{}{}",
         sizes.pods,
         sizes.services,
         sizes.policies,
         sizes.clients,
-        if sizes.quick { " (--quick)" } else { "" }
+        if sizes.quick { " (--quick)" } else { "" },
+        if result.full_translation {
+            " — baseline: full translation + full publish per change"
+        } else {
+            ""
+        }
     );
     println!();
     println!(
@@ -1407,6 +1447,7 @@ impl ControllerResult {
         ]);
         json!({
             "scenario": "controller",
+            "translation_loop": if self.full_translation { "full (baseline)" } else { "incremental" },
             "timestamp": timestamp,
             "unit": "ms, MiB",
             "quick": sizes.quick,
