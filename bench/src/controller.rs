@@ -512,7 +512,12 @@ fn ip(prefix: &str, i: usize) -> String {
     let (a, b) = prefix.split_once('.').unwrap_or((prefix, "0"));
     let b: usize = b.parse().unwrap_or(0);
     let block = MAX_OBJECTS as usize;
-    format!("{a}.{}.{}.{}", b + i / block, (i % block) / 250, i % 250 + 2)
+    format!(
+        "{a}.{}.{}.{}",
+        b + i / block,
+        (i % block) / 250,
+        i % 250 + 2
+    )
 }
 
 fn client_token(id: usize) -> String {

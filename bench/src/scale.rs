@@ -318,7 +318,10 @@ impl Ztunnel {
             .args(["--token", &token.display().to_string()])
             .args(["--node-name", &controller::node_name(0)])
             .args(["--instance-ip", "127.0.0.1"])
-            .args(["--zds-socket", &dir.join("ztunnel.sock").display().to_string()])
+            .args([
+                "--zds-socket",
+                &dir.join("ztunnel.sock").display().to_string(),
+            ])
             .args(["--admin", &loopback(admin)])
             .args(["--stats", &loopback(stats)])
             .args(["--readiness", &loopback(readiness)])
@@ -445,7 +448,10 @@ async fn check_dump(child: &Ztunnel, sizes: &Sizes) -> Result<()> {
 async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
@@ -490,7 +496,12 @@ fn process_cpu(pid: u32) -> Duration {
         return Duration::ZERO;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / CLOCK_TICKS_PER_SECOND)
 }
 
@@ -512,7 +523,9 @@ fn ms(d: Duration) -> String {
 }
 
 fn mib(m: Option<Memory>) -> String {
-    m.map_or("n/a".to_owned(), |m| format!("{:.1}", m.rss_kib as f64 / 1024.0))
+    m.map_or("n/a".to_owned(), |m| {
+        format!("{:.1}", m.rss_kib as f64 / 1024.0)
+    })
 }
 
 impl Point {
@@ -539,7 +552,10 @@ fn targets(result: &ScaleResult) -> Vec<(String, String, Option<bool>)> {
     for p in &result.points {
         if p.pods == 10_000 {
             rows.push((
-                format!("translation of 10,000 pods < {} s", TRANSLATION_TARGET.as_secs()),
+                format!(
+                    "translation of 10,000 pods < {} s",
+                    TRANSLATION_TARGET.as_secs()
+                ),
                 ms(p.translation),
                 Some(p.translation < TRANSLATION_TARGET),
             ));
@@ -547,13 +563,17 @@ fn targets(result: &ScaleResult) -> Vec<(String, String, Option<bool>)> {
                 "controller RSS at 10,000 pods (1 client) < 200 MB".to_owned(),
                 p.controller_rss_bytes()
                     .map_or("n/a".into(), |b| format!("{:.0} MB", b / 1e6)),
-                p.controller_rss_bytes().map(|b| b < CONTROLLER_RSS_TARGET_BYTES),
+                p.controller_rss_bytes()
+                    .map(|b| b < CONTROLLER_RSS_TARGET_BYTES),
             ));
         }
         if p.pods == 100_000 || result.quick {
             let per = p.ztunnel_bytes_per_workload();
             rows.push((
-                format!("ztunnel config memory ≤ 1 KB/workload at {} workloads", p.pods),
+                format!(
+                    "ztunnel config memory ≤ 1 KB/workload at {} workloads",
+                    p.pods
+                ),
                 per.map_or("n/a".into(), |b| format!("{b:.0} B/workload")),
                 per.map(|b| b <= ZTUNNEL_BYTES_PER_WORKLOAD_TARGET),
             ));
@@ -635,9 +655,10 @@ pub(crate) fn write_json(result: &ScaleResult, dir: &Path) -> Result<PathBuf> {
     let path = dir.join(format!("scale-{timestamp}.json"));
     let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let memory = |m: Option<Memory>| {
-        m.map_or(serde_json::Value::Null, |m| {
-            json!({ "rss_kib": m.rss_kib, "hwm_kib": m.hwm_kib })
-        })
+        m.map_or(
+            serde_json::Value::Null,
+            |m| json!({ "rss_kib": m.rss_kib, "hwm_kib": m.hwm_kib }),
+        )
     };
     let points: Vec<serde_json::Value> = result
         .points
@@ -670,7 +691,9 @@ pub(crate) fn write_json(result: &ScaleResult, dir: &Path) -> Result<PathBuf> {
         .collect();
     let targets: Vec<serde_json::Value> = targets(result)
         .into_iter()
-        .map(|(target, measured, met)| json!({ "target": target, "measured": measured, "met": met }))
+        .map(
+            |(target, measured, met)| json!({ "target": target, "measured": measured, "met": met }),
+        )
         .collect();
     let value = json!({
         "scenario": "scale",

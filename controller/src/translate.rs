@@ -7,8 +7,8 @@
 //! skipped, and everything else still translates.
 
 pub mod authz;
-pub mod l7;
 mod incremental;
+pub mod l7;
 mod service;
 mod waypoint;
 mod workload;

@@ -52,7 +52,10 @@ impl std::fmt::Debug for Translator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Translator")
             .field("settings", &self.settings)
-            .field("revision", &self.state.as_ref().map(|s| s.snapshot.revision))
+            .field(
+                "revision",
+                &self.state.as_ref().map(|s| s.snapshot.revision),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -87,11 +90,7 @@ impl Translator {
             }
             _ => self.full(snapshot),
         };
-        let out = &self
-            .state
-            .as_ref()
-            .expect("a state was just stored")
-            .out;
+        let out = &self.state.as_ref().expect("a state was just stored").out;
         (out, change)
     }
 
@@ -142,7 +141,11 @@ fn pods_only(state: &mut State, snapshot: &Snapshot, settings: &Settings) -> Opt
             Some(r) => (r.address, r.problems),
             None => (None, Vec::new()),
         };
-        problems_changed |= state.parts.pod_problems.get(&key).map_or(&[][..], Vec::as_slice)
+        problems_changed |= state
+            .parts
+            .pod_problems
+            .get(&key)
+            .map_or(&[][..], Vec::as_slice)
             != problems.as_slice();
         if problems.is_empty() {
             state.parts.pod_problems.remove(&key);
@@ -211,8 +214,7 @@ fn changed_pods<V>(
 /// Whether two maps hold the same keys with the same (shared) objects.
 fn same<K: Eq, V>(a: &BTreeMap<K, Arc<V>>, b: &BTreeMap<K, Arc<V>>) -> bool {
     a.len() == b.len()
-        && a
-            .iter()
+        && a.iter()
             .zip(b)
             .all(|((ka, va), (kb, vb))| ka == kb && Arc::ptr_eq(va, vb))
 }
@@ -291,7 +293,11 @@ mod tests {
             n => format!("10.244.{}.{}", n, rng.below(250) + 2),
         };
         let ready = if rng.below(3) == 0 { "False" } else { "True" };
-        let phase = if rng.below(10) == 0 { "Succeeded" } else { "Running" };
+        let phase = if rng.below(10) == 0 {
+            "Succeeded"
+        } else {
+            "Running"
+        };
         let mut annotations = json!({});
         if rng.below(2) == 0 {
             annotations = json!({ (super::super::REDIRECTION_ANNOTATION): "enabled" });
@@ -374,14 +380,20 @@ mod tests {
     }
 
     fn assert_same(incremental: &Output, full: &Output, step: usize) {
-        assert_eq!(incremental.addresses, full.addresses, "step {step}: addresses");
+        assert_eq!(
+            incremental.addresses, full.addresses,
+            "step {step}: addresses"
+        );
         assert_eq!(
             incremental.authorizations, full.authorizations,
             "step {step}: authorizations"
         );
         assert_eq!(incremental.l7_services, full.l7_services, "step {step}");
         assert_eq!(incremental.l7_policies, full.l7_policies, "step {step}");
-        assert_eq!(incremental.route_statuses, full.route_statuses, "step {step}");
+        assert_eq!(
+            incremental.route_statuses, full.route_statuses,
+            "step {step}"
+        );
         assert_eq!(incremental.problems, full.problems, "step {step}: problems");
     }
 
@@ -398,7 +410,11 @@ mod tests {
                 let resolved: Vec<String> = r
                     .aliases
                     .iter()
-                    .map(|a| cache.get(type_url, a).map_or(String::new(), |e| e.name.to_string()))
+                    .map(|a| {
+                        cache
+                            .get(type_url, a)
+                            .map_or(String::new(), |e| e.name.to_string())
+                    })
                     .collect();
                 all.push((
                     type_url.to_owned(),

@@ -185,7 +185,8 @@ impl Context {
                     .ports
                     .iter()
                     .filter_map(|sp| {
-                        let slice_port = slice.ports.iter().flatten().find(|p| p.name == sp.name)?;
+                        let slice_port =
+                            slice.ports.iter().flatten().find(|p| p.name == sp.name)?;
                         Some(Port {
                             service_port: u32::try_from(sp.port).ok()?,
                             target_port: u32::try_from(slice_port.port?).ok()?,
@@ -310,13 +311,20 @@ pub(crate) fn translate_pod(
     // Every waypoint that sends traffic to this pod: its own binding, and the waypoints of
     // the services it backs (by selector or by EndpointSlice).
     let mut behind_waypoints = std::collections::BTreeSet::new();
-    for service in ctx.services.by_namespace.get(namespace).into_iter().flatten() {
+    for service in ctx
+        .services
+        .by_namespace
+        .get(namespace)
+        .into_iter()
+        .flatten()
+    {
         if super::selector_matches(&service.selector, &labels) {
             workload_services.insert(service.key.clone(), ports_for(service, pod));
             behind_waypoints.extend(service.has_waypoint.clone());
         }
     }
-    for (key, ports) in ctx.by_slice
+    for (key, ports) in ctx
+        .by_slice
         .get(&(namespace.clone(), name.clone()))
         .into_iter()
         .flatten()
@@ -326,12 +334,15 @@ pub(crate) fn translate_pod(
             behind_waypoints.extend(info.has_waypoint.clone());
         }
     }
-    let waypoint = ctx.waypoints.bound(Target::Workload, namespace, &labels, &namespace_labels);
+    let waypoint = ctx
+        .waypoints
+        .bound(Target::Workload, namespace, &labels, &namespace_labels);
     if let Some(w) = waypoint {
         behind_waypoints.insert((w.namespace.clone(), w.name.clone()));
     }
 
-    let mut policies: Vec<String> = ctx.selector_policies
+    let mut policies: Vec<String> = ctx
+        .selector_policies
         .iter()
         .filter(|(_, p)| authz::selects(p, namespace, &labels, &settings.authz))
         .map(|(key, _)| key.clone())
@@ -443,5 +454,4 @@ pub(crate) fn translate_pod(
         },
     });
     result
-
 }

@@ -476,6 +476,71 @@ mod tests {
         assert_eq!(names(ts.changed_since(last - 1)), ["a"]);
     }
 
+    #[test]
+    fn update_equals_set_of_the_whole_set() {
+        let full = Cache::new();
+        let partial = Cache::new();
+        let initial = vec![
+            res("a", b"1", &["/10.0.0.1"]),
+            res("b", b"2", &["/10.0.0.2", "/shared"]),
+            res("c", b"3", &["/shared"]),
+        ];
+        full.set(T, initial.clone());
+        partial.set(T, initial);
+        // Change a's body, move b's alias, remove c, add d sharing an alias; re-send an
+        // unchanged resource, which is no change.
+        let out = partial.update(
+            T,
+            vec![
+                res("a", b"1x", &["/10.0.0.1"]),
+                res("b", b"2", &["/10.0.0.3", "/shared"]),
+                res("d", b"4", &["/shared"]),
+                res("e", b"5", &[]),
+            ],
+            &["c".to_owned(), "e".to_owned(), "nope".to_owned()],
+        );
+        assert_eq!(
+            (out.changed, out.removed),
+            (3, 1),
+            "e is upserted and removed"
+        );
+        let want = full.set(
+            T,
+            vec![
+                res("a", b"1x", &["/10.0.0.1"]),
+                res("b", b"2", &["/10.0.0.3", "/shared"]),
+                res("d", b"4", &["/shared"]),
+            ],
+        );
+        assert_eq!((want.changed, want.removed), (3, 1));
+        assert_eq!(partial.list(T), full.list(T));
+        for alias in ["/10.0.0.1", "/10.0.0.2", "/10.0.0.3", "/shared"] {
+            assert_eq!(
+                partial.get(T, alias).map(|e| e.name.clone()),
+                full.get(T, alias).map(|e| e.name.clone()),
+                "{alias}"
+            );
+            let (p, f) = (partial.read(), full.read());
+            assert_eq!(
+                p.get(T).unwrap().resolve(alias),
+                f.get(T).unwrap().resolve(alias)
+            );
+        }
+        let state = partial.read();
+        assert_eq!(
+            names(state.get(T).unwrap().changed_since(1)),
+            ["a", "b", "c", "d"]
+        );
+        drop(state);
+        let unchanged = partial.update(T, vec![res("a", b"1x", &["/10.0.0.1"])], &[]);
+        assert_eq!(unchanged.generation, out.generation, "no change, no bump");
+        assert_eq!(
+            Cache::new().update(T, vec![], &[]).generation,
+            1,
+            "the first update publishes the type"
+        );
+    }
+
     #[tokio::test]
     async fn set_wakes_subscribers() {
         let cache = Cache::new();
