@@ -142,6 +142,8 @@ pub(crate) struct Context {
     pub(crate) waypoints: Waypoints,
     pub(crate) services: Services,
     pub(crate) selector_policies: Vec<(String, Arc<AuthorizationPolicy>)>,
+    /// Indices into `selector_policies` by the policy's namespace.
+    selector_by_namespace: BTreeMap<String, Vec<usize>>,
     /// Selector-less services' ports by the pods their EndpointSlices target.
     by_slice: BTreeMap<(String, String), Vec<(String, PortList)>>,
     /// Services by resource name (`namespace/hostname`).
@@ -215,10 +217,16 @@ impl Context {
             .values()
             .map(|info| (info.key.clone(), info.clone()))
             .collect();
+        let mut selector_by_namespace: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, (_, policy)) in selector_policies.iter().enumerate() {
+            let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+            selector_by_namespace.entry(namespace).or_default().push(i);
+        }
         Context {
             waypoints,
             services,
             selector_policies,
+            selector_by_namespace,
             by_slice,
             by_key,
         }
@@ -341,9 +349,14 @@ pub(crate) fn translate_pod(
         behind_waypoints.insert((w.namespace.clone(), w.name.clone()));
     }
 
-    let mut policies: Vec<String> = ctx
-        .selector_policies
-        .iter()
+    // Only policies in the pod's namespace or the root namespace can select it (`selects`
+    // checks that too); the order does not matter, the list is sorted below.
+    let root = settings.authz.root_namespace.as_str();
+    let mut policies: Vec<String> = std::iter::once(namespace.as_str())
+        .chain((root != namespace.as_str()).then_some(root))
+        .filter_map(|ns| ctx.selector_by_namespace.get(ns))
+        .flatten()
+        .map(|&i| &ctx.selector_policies[i])
         .filter(|(_, p)| authz::selects(p, namespace, &labels, &settings.authz))
         .map(|(key, _)| key.clone())
         .collect();
