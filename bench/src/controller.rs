@@ -44,10 +44,11 @@ use weft_proto::istio::workload::{Address, TunnelProtocol, Workload, WorkloadSta
 use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
 /// Namespaces in the synthetic cluster; services, pods and policies are spread over them.
-const NAMESPACES: usize = 100;
+pub(crate) const NAMESPACES: usize = 100;
 /// Nodes the pods are scheduled on.
-const NODES: usize = 10;
-/// Most pods (or services) the address plan fits: `10.244.<p / 250>.<p % 250 + 2>`.
+pub(crate) const NODES: usize = 10;
+/// Pods (or services) per second-octet block of the address plan (see [`ip`]); also the most
+/// the `controller` scenario's flags accept.
 const MAX_OBJECTS: u32 = 64_000;
 /// `pod-template-hash` of every pod's ReplicaSet.
 const POD_TEMPLATE_HASH: &str = "5d8f7c6b9";
@@ -104,18 +105,24 @@ pub(crate) struct Args {
     /// changes (explicit sizes still win).
     #[arg(long)]
     pub(crate) quick: bool,
+
+    /// Baseline: feed the server with a full translation and full publish of every resource on
+    /// each change (the translation loop before incremental translation), instead of the
+    /// production loop.
+    #[arg(long)]
+    pub(crate) full_translation: bool,
 }
 
 /// What the scenario builds and how often it measures.
 #[derive(Debug, Clone, Copy)]
-struct Sizes {
-    pods: usize,
-    services: usize,
-    policies: usize,
-    clients: usize,
-    translation_runs: usize,
-    changes: usize,
-    quick: bool,
+pub(crate) struct Sizes {
+    pub(crate) pods: usize,
+    pub(crate) services: usize,
+    pub(crate) policies: usize,
+    pub(crate) clients: usize,
+    pub(crate) translation_runs: usize,
+    pub(crate) changes: usize,
+    pub(crate) quick: bool,
 }
 
 impl Sizes {
@@ -138,14 +145,14 @@ impl Sizes {
     }
 
     /// Address resources a full translation produces: one per pod and one per service.
-    fn addresses(&self) -> usize {
+    pub(crate) fn addresses(&self) -> usize {
         self.pods + self.services
     }
 }
 
 /// Resource counts of a full translation.
 #[derive(Debug, Clone, Copy, Default)]
-struct Counts {
+pub(crate) struct Counts {
     workloads: usize,
     services: usize,
     authorizations: usize,
@@ -169,11 +176,11 @@ struct Change {
 
 /// Resident memory as `/proc/self/status` reports it.
 #[derive(Debug, Clone, Copy)]
-struct Memory {
+pub(crate) struct Memory {
     /// VmRSS, KiB.
-    rss_kib: u64,
+    pub(crate) rss_kib: u64,
     /// VmHWM (peak VmRSS), KiB.
-    hwm_kib: u64,
+    pub(crate) hwm_kib: u64,
 }
 
 /// The stages memory is read at, in order.
@@ -234,6 +241,8 @@ pub(crate) struct ControllerResult {
     memory: Vec<(Stage, Option<Memory>)>,
     /// Whether the peak was reset at the start (else VmHWM is the whole process's peak).
     peak_reset: bool,
+    /// The baseline loop (`--full-translation`) fed the server.
+    full_translation: bool,
 }
 
 /// Runs the scenario.
@@ -312,12 +321,20 @@ pub(crate) async fn run(args: &Args) -> Result<ControllerResult> {
             .serve_with_incoming(incoming),
     );
     let started = Instant::now();
-    let translating = tokio::spawn(translation_loop(
-        index.clone(),
-        cache.clone(),
-        settings.clone(),
-        DEBOUNCE,
-    ));
+    let translating = if args.full_translation {
+        tokio::spawn(full_translation_loop(
+            index.clone(),
+            cache.clone(),
+            settings.clone(),
+        ))
+    } else {
+        tokio::spawn(translation_loop(
+            index.clone(),
+            cache.clone(),
+            settings.clone(),
+            DEBOUNCE,
+        ))
+    };
     wait_published(&cache, &sizes).await?;
     let loop_first_publish = started.elapsed();
     eprintln!(
@@ -422,7 +439,26 @@ pub(crate) async fn run(args: &Args) -> Result<ControllerResult> {
         changes,
         memory,
         peak_reset,
+        full_translation: args.full_translation,
     })
+}
+
+/// The baseline loop (`--full-translation`): on every index change, translate everything and
+/// publish everything (encode and hash every resource), as the translation loop did before
+/// incremental translation.
+async fn full_translation_loop(index: Arc<Index>, cache: Arc<Cache>, settings: Settings) {
+    let mut changes = index.changes();
+    loop {
+        let snapshot = index.snapshot();
+        let out = translate(&snapshot, &settings);
+        publish(&cache, &out);
+        drop(out);
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        changes.borrow_and_update();
+    }
 }
 
 /// Times `runs` re-publishes of `out` into a cache that already holds it: what the translation
@@ -449,10 +485,10 @@ fn time_republish(out: &Output, runs: usize) -> Result<Vec<Duration>> {
 // === the synthetic cluster ===
 
 /// The synthetic cluster's objects and what translating them must give.
-struct Cluster {
+pub(crate) struct Cluster {
     sizes: Sizes,
     /// Every object, for the index.
-    resources: Vec<Resource>,
+    pub(crate) resources: Vec<Resource>,
     /// Selector AuthorizationPolicies selecting each service's pods, by service number.
     selector_policies: Vec<usize>,
 }
@@ -461,17 +497,27 @@ fn namespace_name(k: usize) -> String {
     format!("ns-{k}")
 }
 
-fn node_name(n: usize) -> String {
+pub(crate) fn node_name(n: usize) -> String {
     format!("node-{n}")
 }
 
-fn node_ip(n: usize) -> String {
+pub(crate) fn node_ip(n: usize) -> String {
     format!("172.18.0.{}", n + 2)
 }
 
-/// `<prefix>.<i / 250>.<i % 250 + 2>`: unique for `i < 64,000`.
+/// `<a>.<b + i / 64,000>.<i % 64,000 / 250>.<i % 250 + 2>` for prefix `<a>.<b>`: unique for
+/// `i < 64,000 × (256 − b)` (the second octet grows past 64,000 objects, so `10.244` covers
+/// 768,000 pods).
 fn ip(prefix: &str, i: usize) -> String {
-    format!("{prefix}.{}.{}", i / 250, i % 250 + 2)
+    let (a, b) = prefix.split_once('.').unwrap_or((prefix, "0"));
+    let b: usize = b.parse().unwrap_or(0);
+    let block = MAX_OBJECTS as usize;
+    format!(
+        "{a}.{}.{}.{}",
+        b + i / block,
+        (i % block) / 250,
+        i % 250 + 2
+    )
 }
 
 fn client_token(id: usize) -> String {
@@ -479,7 +525,7 @@ fn client_token(id: usize) -> String {
 }
 
 impl Cluster {
-    fn build(sizes: Sizes) -> Result<Self> {
+    pub(crate) fn build(sizes: Sizes) -> Result<Self> {
         let mut resources =
             Vec::with_capacity(NAMESPACES + NODES + sizes.services + sizes.pods + sizes.policies);
         for k in 0..NAMESPACES {
@@ -544,14 +590,14 @@ impl Cluster {
     }
 
     /// The pod changed by repetition `rep`: spread over services and namespaces.
-    fn changed_pod(&self, rep: usize) -> (String, String) {
+    pub(crate) fn changed_pod(&self, rep: usize) -> (String, String) {
         let p = (rep * 7919 + 13) % self.sizes.pods;
         let (s, name) = pod_name(p, &self.sizes);
         (namespace_name(s % NAMESPACES), name)
     }
 
     /// Checks a full translation against what the cluster implies and counts its resources.
-    fn check(&self, out: &Output, settings: &Settings) -> Result<Counts> {
+    pub(crate) fn check(&self, out: &Output, settings: &Settings) -> Result<Counts> {
         if let Some(problem) = out.problems.first() {
             bail!(
                 "translation reported {} problems, the first: {problem}",
@@ -831,7 +877,7 @@ fn policy(i: usize, sizes: &Sizes) -> (serde_json::Value, Option<usize>) {
 }
 
 /// The pod with its Ready condition flipped, and whether it is now Ready.
-fn flip_ready(pod: &Pod) -> Result<(Pod, bool)> {
+pub(crate) fn flip_ready(pod: &Pod) -> Result<(Pod, bool)> {
     let mut pod = pod.clone();
     let ready = pod
         .status
@@ -1111,12 +1157,12 @@ fn latest(received: &[Received]) -> Instant {
 // === memory ===
 
 /// Resets VmHWM to the current VmRSS (Linux ≥ 4.0); `false` if that is not possible.
-fn reset_peak() -> bool {
+pub(crate) fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// VmRSS and VmHWM, or `None` without `/proc/self/status`.
-fn read_memory() -> Option<Memory> {
+pub(crate) fn read_memory() -> Option<Memory> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |name: &str| {
         status.lines().find_map(|line| {
@@ -1236,12 +1282,17 @@ pub(crate) fn print(result: &ControllerResult) {
     let counts = &result.counts;
     println!(
         "## weft-bench controller: {} pods, {} services, {} policies, {NAMESPACES} namespaces, \
-         {NODES} nodes, {} clients{}",
+         {NODES} nodes, {} clients{}{}",
         sizes.pods,
         sizes.services,
         sizes.policies,
         sizes.clients,
-        if sizes.quick { " (--quick)" } else { "" }
+        if sizes.quick { " (--quick)" } else { "" },
+        if result.full_translation {
+            " — baseline: full translation + full publish per change"
+        } else {
+            ""
+        }
     );
     println!();
     println!(
@@ -1401,6 +1452,7 @@ impl ControllerResult {
         ]);
         json!({
             "scenario": "controller",
+            "translation_loop": if self.full_translation { "full (baseline)" } else { "incremental" },
             "timestamp": timestamp,
             "unit": "ms, MiB",
             "quick": sizes.quick,
@@ -1456,7 +1508,7 @@ impl ControllerResult {
     }
 }
 
-fn build_profile() -> &'static str {
+pub(crate) fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
         "debug"
     } else {

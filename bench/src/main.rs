@@ -25,6 +25,7 @@ mod load;
 mod mesh;
 mod procfs;
 mod report;
+mod scale;
 mod suite;
 mod testbed;
 mod waypoint;
@@ -84,6 +85,8 @@ enum Command {
         #[command(flatten)]
         args: mesh::Args,
     },
+    /// Config scale: controller and real-ztunnel memory and apply time at 10k/100k workloads.
+    Scale(scale::Args),
 }
 
 /// Arguments of `run`.
@@ -147,6 +150,9 @@ fn main() -> Result<ExitCode> {
         }
         Command::Controller(args) => {
             run_controller(&runtime, &args, dir)?;
+        }
+        Command::Scale(args) => {
+            run_scale(&runtime, &args, dir)?;
         }
         Command::Latency { testbed, args } => {
             let bed = Testbed::up(&testbed)?;
@@ -302,8 +308,17 @@ fn run_in_process(name: &str, runtime: &Runtime, args: &RunArgs, dir: &Path) -> 
                 policies: None,
                 clients: None,
                 quick: args.quick,
+                full_translation: false,
             };
             run_controller(runtime, &controller, dir)?
+        }
+        "scale" => {
+            let scale = scale::Args {
+                workloads: Vec::new(),
+                ztunnel: None,
+                quick: args.quick,
+            };
+            run_scale(runtime, &scale, dir)?
         }
         other => anyhow::bail!("no runner for scenario {other}"),
     };
@@ -334,6 +349,14 @@ fn run_controller(
     let result = runtime.block_on(controller::run(args))?;
     controller::print(&result);
     let path = controller::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(path)
+}
+
+fn run_scale(runtime: &Runtime, args: &scale::Args, results_dir: &Path) -> Result<PathBuf> {
+    let result = runtime.block_on(scale::run(args))?;
+    scale::print(&result);
+    let path = scale::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(path)
 }

@@ -56,6 +56,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         ],
     },
     Scenario {
+        name: "scale",
+        about: "config scale: controller translation and memory, a real ztunnel's memory and apply time at 10,000 and 100,000 workloads",
+        cluster: false,
+        figures: &[("/ztunnel_bytes_per_workload_100000", Positive)],
+    },
+    Scenario {
         name: "latency",
         about: "fixed-rate 1 KiB HTTP/1.1 through S0, L4, L7 at 1/16/64 connections; proxy CPU and peak RSS at that rate",
         cluster: true,

@@ -1239,9 +1239,11 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
         );
         // `pending` until ztunnel confirms the pod (a slow confirmation under load retries),
         // then `enabled`.
-        wait_until(&format!("annotation enabled after restart {round}"), READY, || {
-            annotation().as_deref() == Some("enabled")
-        });
+        wait_until(
+            &format!("annotation enabled after restart {round}"),
+            READY,
+            || annotation().as_deref() == Some("enabled"),
+        );
         wait_until(&format!("traffic after restart {round}"), READY, || {
             flows(4)
         });

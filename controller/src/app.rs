@@ -20,7 +20,7 @@ use crate::ca::{self, CaService};
 use crate::config::{Config, Source};
 use crate::provision;
 use crate::translate::l7::RouteStatus;
-use crate::translate::{self, Output};
+use crate::translate::{self, Change, Output};
 use crate::xds;
 
 /// Errors starting the controller.
@@ -72,18 +72,7 @@ fn resources<'a, M: Message + 'a>(
 /// Publishes a translation into the cache (workload addresses and authorizations, waypoint
 /// service configs and policies), returning whether anything changed.
 pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
-    let addresses = out
-        .addresses
-        .values()
-        .map(|r| xds::Resource {
-            name: r.name.clone(),
-            aliases: r.aliases.clone(),
-            body: prost_types::Any {
-                type_url: ADDRESS_TYPE_URL.to_owned(),
-                value: r.address.encode_to_vec(),
-            },
-        })
-        .collect();
+    let addresses = out.addresses.values().map(address_resource).collect();
     let outcomes = [
         cache.set(ADDRESS_TYPE_URL, addresses),
         cache.set(
@@ -100,6 +89,36 @@ pub fn publish(cache: &xds::Cache, out: &Output) -> bool {
         ),
     ];
     outcomes.iter().any(|o| o.changed + o.removed > 0)
+}
+
+/// The cache form of one Address resource.
+fn address_resource(r: &translate::AddressResource) -> xds::Resource {
+    xds::Resource {
+        name: r.name.clone(),
+        aliases: r.aliases.clone(),
+        body: prost_types::Any {
+            type_url: ADDRESS_TYPE_URL.to_owned(),
+            value: r.address.encode_to_vec(),
+        },
+    }
+}
+
+/// Publishes what one [`translate::Translator::translate`] changed: the whole output for
+/// [`Change::Full`], else only the named Address resources (encoding just those). Returns
+/// whether anything changed.
+pub fn publish_change(cache: &xds::Cache, out: &Output, change: &Change) -> bool {
+    match change {
+        Change::Full => publish(cache, out),
+        Change::Addresses { upserted, removed } => {
+            let upserts = upserted
+                .iter()
+                .filter_map(|name| out.addresses.get(name))
+                .map(address_resource)
+                .collect();
+            let outcome = cache.update(ADDRESS_TYPE_URL, upserts, removed);
+            outcome.changed + outcome.removed > 0
+        }
+    }
 }
 
 /// Translates on every index change, at most once per `debounce`, and publishes.
@@ -123,11 +142,13 @@ pub async fn translation_loop_with_routes(
 ) {
     let mut changes = index.changes();
     let mut reported: Vec<String> = Vec::new();
+    let mut translator = translate::Translator::new(settings);
     loop {
         let snapshot = index.snapshot();
+        let revision = snapshot.revision;
         let started = std::time::Instant::now();
-        let out = translate::translate(&snapshot, &settings);
-        let changed = publish(&cache, &out);
+        let (out, change) = translator.translate(snapshot);
+        let changed = publish_change(&cache, out, &change);
         if let Some(routes) = &routes {
             routes.send_if_modified(|current| {
                 let modified = *current != out.route_statuses;
@@ -144,7 +165,8 @@ pub async fn translation_loop_with_routes(
             reported = out.problems.clone();
         }
         info!(
-            revision = snapshot.revision,
+            revision,
+            incremental = change != Change::Full,
             addresses = out.addresses.len(),
             authorizations = out.authorizations.len(),
             l7_services = out.l7_services.len(),

@@ -7,6 +7,7 @@
 //! skipped, and everything else still translates.
 
 pub mod authz;
+mod incremental;
 pub mod l7;
 mod service;
 mod waypoint;
@@ -19,6 +20,7 @@ use weft_proto::istio::security::Authorization;
 use weft_proto::istio::workload::Address;
 use weft_proto::weft::l7::v1::{Policy, ServiceConfig};
 
+pub use incremental::{Change, Translator};
 pub use waypoint::{WAYPOINT_HBONE_PORT, Waypoint};
 pub use workload::workload_uid;
 
@@ -97,6 +99,32 @@ pub struct Output {
 
 /// Translates a snapshot.
 pub fn translate(snapshot: &Snapshot, settings: &Settings) -> Output {
+    translate_parts(snapshot, settings).0
+}
+
+/// What a full translation keeps for [`Translator`]'s incremental path: the workload context
+/// (everything but the pods) and the problems split by where they come from.
+struct Parts {
+    ctx: workload::Context,
+    /// Problems of policies and services (before the workloads').
+    base_problems: Vec<String>,
+    /// Problems of each pod that has some.
+    pod_problems: BTreeMap<(String, String), Vec<String>>,
+    /// Problems of the waypoint (L7) translation (after the workloads').
+    l7_problems: Vec<String>,
+}
+
+impl Parts {
+    /// `problems` in full-translation order: policies, services, pods, L7.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = self.base_problems.clone();
+        problems.extend(self.pod_problems.values().flatten().cloned());
+        problems.extend(self.l7_problems.iter().cloned());
+        problems
+    }
+}
+
+fn translate_parts(snapshot: &Snapshot, settings: &Settings) -> (Output, Parts) {
     let mut out = Output::default();
 
     // Policies first: workloads reference them by key.
@@ -136,16 +164,30 @@ pub fn translate(snapshot: &Snapshot, settings: &Settings) -> Output {
 
     let waypoints = waypoint::Waypoints::new(snapshot, settings);
     let services = service::translate_all(snapshot, settings, &waypoints, &mut out);
-    workload::translate_all(
-        snapshot,
-        settings,
-        &waypoints,
-        &services,
-        &selector_policies,
-        &mut out,
-    );
-    l7::translate_all(snapshot, settings, &waypoints, &services, &mut out);
-    out
+    let ctx = workload::Context::new(snapshot, waypoints, services, selector_policies);
+    let base_problems = std::mem::take(&mut out.problems);
+    let mut pod_problems = BTreeMap::new();
+    for ((namespace, name), pod) in &snapshot.pods {
+        let mut result = workload::translate_pod(snapshot, settings, &ctx, namespace, name, pod);
+        if !result.problems.is_empty() {
+            pod_problems.insert(
+                (namespace.clone(), name.clone()),
+                std::mem::take(&mut result.problems),
+            );
+        }
+        workload::merge(result, &mut out);
+    }
+    out.authorizations
+        .extend(workload::waypoint_policies(settings, &ctx));
+    l7::translate_all(snapshot, settings, &ctx.waypoints, &ctx.services, &mut out);
+    let parts = Parts {
+        ctx,
+        base_problems,
+        pod_problems,
+        l7_problems: std::mem::take(&mut out.problems),
+    };
+    out.problems = parts.problems();
+    (out, parts)
 }
 
 /// `network/ip`, the alias form of an address.

@@ -28,8 +28,9 @@ pub use resource::Resource;
 pub use service::{HealthPolicy, LoadBalancing, LoadBalancingMode, RoutingScope, Service, Vip};
 pub use service::{Visibility, WeightedWaypoint};
 pub use store::{Removed, Store};
+pub use workload::WorkloadType;
 pub use workload::{DEFAULT_CAPACITY, DEFAULT_CLUSTER_ID, DEFAULT_SERVICE_ACCOUNT};
-pub use workload::{DEFAULT_TRUST_DOMAIN, Locality, Port, TunnelProtocol, Workload, WorkloadType};
+pub use workload::{DEFAULT_TRUST_DOMAIN, Locality, Port, ServicePorts, TunnelProtocol, Workload};
 
 #[cfg(test)]
 mod tests;

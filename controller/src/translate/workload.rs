@@ -136,260 +136,335 @@ fn ports_for(service: &ServiceInfo, pod: &Pod) -> PortList {
     PortList { ports }
 }
 
-/// Translates every running pod with an IP into `out`.
-pub(crate) fn translate_all(
-    snapshot: &Snapshot,
-    settings: &Settings,
-    waypoints: &Waypoints,
-    services: &Services,
-    selector_policies: &[(String, Arc<AuthorizationPolicy>)],
-    out: &mut Output,
-) {
-    // Selector-less services reach pods through EndpointSlice targetRefs.
-    let mut by_slice: BTreeMap<(String, String), Vec<(String, PortList)>> = BTreeMap::new();
-    for ((ns, _), slice) in &snapshot.endpoint_slices {
-        let labels = slice.metadata.labels.clone().unwrap_or_default();
-        let Some(svc_name) = labels.get("kubernetes.io/service-name") else {
-            continue;
-        };
-        let Some(service) = services.by_name.get(&(ns.clone(), svc_name.clone())) else {
-            continue;
-        };
-        if !service.selector.is_empty() {
-            continue;
-        }
-        let ports = PortList {
-            ports: service
-                .ports
-                .iter()
-                .filter_map(|sp| {
-                    let slice_port = slice.ports.iter().flatten().find(|p| p.name == sp.name)?;
-                    Some(Port {
-                        service_port: u32::try_from(sp.port).ok()?,
-                        target_port: u32::try_from(slice_port.port?).ok()?,
-                        app_protocol: app_protocol(sp) as i32,
-                    })
-                })
-                .collect(),
-        };
-        for endpoint in slice.endpoints.iter().flatten() {
-            if let Some(target) = endpoint
-                .target_ref
-                .as_ref()
-                .filter(|t| t.kind.as_deref() == Some("Pod"))
-            {
-                let pod_ns = target.namespace.clone().unwrap_or_else(|| ns.clone());
-                let pod_name = target.name.clone().unwrap_or_default();
-                by_slice
-                    .entry((pod_ns, pod_name))
-                    .or_default()
-                    .push((service.key.clone(), ports.clone()));
-            }
-        }
-    }
+/// What workload translation needs besides the pod: built once per translation from everything
+/// but the pods, so a change to pods alone re-translates only those (see [`super::Translator`]).
+pub(crate) struct Context {
+    pub(crate) waypoints: Waypoints,
+    pub(crate) services: Services,
+    pub(crate) selector_policies: Vec<(String, Arc<AuthorizationPolicy>)>,
+    /// Indices into `selector_policies` by the policy's namespace.
+    selector_by_namespace: BTreeMap<String, Vec<usize>>,
+    /// Selector-less services' ports by the pods their EndpointSlices target.
+    by_slice: BTreeMap<(String, String), Vec<(String, PortList)>>,
+    /// Services by resource name (`namespace/hostname`).
+    by_key: BTreeMap<String, Arc<ServiceInfo>>,
+}
 
-    let by_key: BTreeMap<&str, &Arc<ServiceInfo>> = services
-        .by_name
-        .values()
-        .map(|info| (info.key.as_str(), info))
-        .collect();
-    let mut used_waypoints = BTreeMap::new();
-    let no_services = Vec::new();
-    for ((namespace, name), pod) in &snapshot.pods {
-        let Some(status) = pod.status.as_ref() else {
-            continue;
-        };
-        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-            continue;
-        }
-        let mut ips: Vec<String> = status
-            .pod_ips
-            .iter()
-            .flatten()
-            .map(|p| p.ip.clone())
-            .collect();
-        if ips.is_empty() {
-            ips.extend(status.pod_ip.clone());
-        }
-        let mut addresses = Vec::new();
-        for ip in ips.iter().filter(|ip| !ip.is_empty()) {
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => addresses.push(ip),
-                Err(_) => out.problems.push(format!(
-                    "Pod {namespace}/{name}: field status.podIPs: {ip:?} is not an IP address"
-                )),
-            }
-        }
-        if addresses.is_empty() {
-            continue;
-        }
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        let namespace_labels = snapshot.namespace_labels(namespace);
-        let spec = pod.spec.clone().unwrap_or_default();
-        let host_network = spec.host_network == Some(true);
-        let service_account = spec
-            .service_account_name
-            .clone()
-            .or(spec.service_account.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_owned());
-        let (workload_type, workload_name) = workload_type_and_name(pod, name);
-        let (canonical_name, canonical_revision) = canonical(&labels, &workload_name);
+/// One pod's translation.
+#[derive(Debug, Default)]
+pub(crate) struct PodResult {
+    /// The workload, unless the pod is finished or has no IP.
+    pub(crate) address: Option<AddressResource>,
+    /// Per-workload Authorizations its PeerAuthentication implies (published once per key).
+    pub(crate) extras: Vec<weft_proto::istio::security::Authorization>,
+    /// Problems with this pod.
+    pub(crate) problems: Vec<String>,
+}
 
-        let mut workload_services: BTreeMap<String, PortList> = BTreeMap::new();
-        // Every waypoint that sends traffic to this pod: its own binding, and the waypoints of
-        // the services it backs (by selector or by EndpointSlice).
-        let mut behind_waypoints = std::collections::BTreeSet::new();
-        for service in services.by_namespace.get(namespace).unwrap_or(&no_services) {
-            if super::selector_matches(&service.selector, &labels) {
-                workload_services.insert(service.key.clone(), ports_for(service, pod));
-                behind_waypoints.extend(service.has_waypoint.clone());
-            }
-        }
-        for (key, ports) in by_slice
-            .get(&(namespace.clone(), name.clone()))
-            .into_iter()
-            .flatten()
-        {
-            workload_services.insert(key.clone(), ports.clone());
-            if let Some(info) = by_key.get(key.as_str()) {
-                behind_waypoints.extend(info.has_waypoint.clone());
-            }
-        }
-        let waypoint = waypoints.bound(Target::Workload, namespace, &labels, &namespace_labels);
-        if let Some(w) = waypoint {
-            behind_waypoints.insert((w.namespace.clone(), w.name.clone()));
-        }
-
-        let mut policies: Vec<String> = selector_policies
-            .iter()
-            .filter(|(_, p)| authz::selects(p, namespace, &labels, &settings.authz))
-            .map(|(key, _)| key.clone())
-            .collect();
-        let peer = authz::peer_authentication(
-            namespace,
-            &labels,
-            snapshot.peer_authentications.values().map(AsRef::as_ref),
-            &settings.authz,
-        );
-        policies.extend(peer.policy_keys);
-        for extra in peer.extra {
-            out.authorizations
-                .insert(format!("{}/{}", extra.namespace, extra.name), extra);
-        }
-        for (wns, wname) in &behind_waypoints {
-            let Some(w) = waypoints.get(wns, wname) else {
+impl Context {
+    /// The context of `snapshot` (everything but its pods).
+    pub(crate) fn new(
+        snapshot: &Snapshot,
+        waypoints: Waypoints,
+        services: Services,
+        selector_policies: Vec<(String, Arc<AuthorizationPolicy>)>,
+    ) -> Self {
+        // Selector-less services reach pods through EndpointSlice targetRefs.
+        let mut by_slice: BTreeMap<(String, String), Vec<(String, PortList)>> = BTreeMap::new();
+        for ((ns, _), slice) in &snapshot.endpoint_slices {
+            let labels = slice.metadata.labels.clone().unwrap_or_default();
+            let Some(svc_name) = labels.get("kubernetes.io/service-name") else {
                 continue;
             };
+            let Some(service) = services.by_name.get(&(ns.clone(), svc_name.clone())) else {
+                continue;
+            };
+            if !service.selector.is_empty() {
+                continue;
+            }
+            let ports = PortList {
+                ports: service
+                    .ports
+                    .iter()
+                    .filter_map(|sp| {
+                        let slice_port =
+                            slice.ports.iter().flatten().find(|p| p.name == sp.name)?;
+                        Some(Port {
+                            service_port: u32::try_from(sp.port).ok()?,
+                            target_port: u32::try_from(slice_port.port?).ok()?,
+                            app_protocol: app_protocol(sp) as i32,
+                        })
+                    })
+                    .collect(),
+            };
+            for endpoint in slice.endpoints.iter().flatten() {
+                if let Some(target) = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|t| t.kind.as_deref() == Some("Pod"))
+                {
+                    let pod_ns = target.namespace.clone().unwrap_or_else(|| ns.clone());
+                    let pod_name = target.name.clone().unwrap_or_default();
+                    by_slice
+                        .entry((pod_ns, pod_name))
+                        .or_default()
+                        .push((service.key.clone(), ports.clone()));
+                }
+            }
+        }
+        let by_key = services
+            .by_name
+            .values()
+            .map(|info| (info.key.clone(), info.clone()))
+            .collect();
+        let mut selector_by_namespace: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, (_, policy)) in selector_policies.iter().enumerate() {
+            let namespace = policy.metadata.namespace.clone().unwrap_or_default();
+            selector_by_namespace.entry(namespace).or_default().push(i);
+        }
+        Context {
+            waypoints,
+            services,
+            selector_policies,
+            selector_by_namespace,
+            by_slice,
+            by_key,
+        }
+    }
+}
+
+/// Adds one pod's translation to `out`.
+pub(crate) fn merge(result: PodResult, out: &mut Output) {
+    out.problems.extend(result.problems);
+    for extra in result.extras {
+        out.authorizations
+            .insert(format!("{}/{}", extra.namespace, extra.name), extra);
+    }
+    if let Some(address) = result.address {
+        out.addresses.insert(address.name.clone(), address);
+    }
+}
+
+/// Every waypoint's implicit ALLOW policy (workloads behind it reference it), by key.
+pub(crate) fn waypoint_policies(
+    settings: &Settings,
+    ctx: &Context,
+) -> BTreeMap<String, weft_proto::istio::security::Authorization> {
+    ctx.waypoints
+        .iter()
+        .map(|w| {
             let allow = authz::allow_from_waypoint(
-                wns,
-                wname,
+                &w.namespace,
+                &w.name,
                 &[w.principal(&settings.authz.trust_domain)],
                 &settings.authz,
             );
-            policies.push(format!("{}/{}", allow.namespace, allow.name));
-            used_waypoints.insert(format!("{}/{}", allow.namespace, allow.name), allow);
-        }
-        policies.sort();
-        policies.dedup();
+            (format!("{}/{}", allow.namespace, allow.name), allow)
+        })
+        .collect()
+}
 
-        let node_labels = spec
-            .node_name
-            .as_ref()
-            .and_then(|n| snapshot.nodes.get(n))
-            .and_then(|n| n.metadata.labels.clone())
-            .unwrap_or_default();
-        let locality = match (
-            node_labels.get("topology.kubernetes.io/region"),
-            node_labels.get("topology.kubernetes.io/zone"),
-        ) {
-            (None, None) => None,
-            (region, zone) => Some(Locality {
-                region: region.cloned().unwrap_or_default(),
-                zone: zone.cloned().unwrap_or_default(),
-                subzone: node_labels
-                    .get("topology.istio.io/subzone")
-                    .cloned()
-                    .unwrap_or_default(),
-            }),
-        };
-
-        let uid = workload_uid(&settings.cluster_id, namespace, name);
-        let trust_domain = &settings.authz.trust_domain;
-        let workload = wl::Workload {
-            uid: uid.clone(),
-            name: name.clone(),
-            namespace: namespace.clone(),
-            addresses: addresses.iter().map(super::ip_bytes).collect(),
-            network: settings.network.clone(),
-            tunnel_protocol: if annotations.get(REDIRECTION_ANNOTATION).map(String::as_str)
-                == Some("enabled")
-            {
-                TunnelProtocol::Hbone as i32
-            } else {
-                TunnelProtocol::None as i32
-            },
-            trust_domain: if trust_domain == "cluster.local" {
-                String::new()
-            } else {
-                trust_domain.clone()
-            },
-            service_account: if service_account == "default" {
-                String::new()
-            } else {
-                service_account
-            },
-            waypoint: waypoint.map(|w| w.gateway_address()),
-            node: spec.node_name.clone().unwrap_or_default(),
-            canonical_name,
-            canonical_revision,
-            workload_type: workload_type as i32,
-            workload_name,
-            authorization_policies: policies,
-            status: if is_ready(pod) {
-                WorkloadStatus::Healthy as i32
-            } else {
-                WorkloadStatus::Unhealthy as i32
-            },
-            cluster_id: settings.cluster_id.clone(),
-            services: workload_services.into_iter().collect(),
-            locality,
-            network_mode: if host_network {
-                NetworkMode::HostNetwork as i32
-            } else {
-                NetworkMode::Standard as i32
-            },
-            ..Default::default()
-        };
-        let aliases = if host_network {
-            Vec::new()
-        } else {
-            addresses
-                .iter()
-                .map(|ip| super::address_alias(&settings.network, ip))
-                .collect()
-        };
-        out.addresses.insert(
-            uid.clone(),
-            AddressResource {
-                name: uid,
-                aliases,
-                address: wl::Address {
-                    r#type: Some(address::Type::Workload(workload)),
-                },
-            },
-        );
+/// Translates one pod (`namespace/name` in `snapshot`).
+pub(crate) fn translate_pod(
+    snapshot: &Snapshot,
+    settings: &Settings,
+    ctx: &Context,
+    namespace: &String,
+    name: &String,
+    pod: &Pod,
+) -> PodResult {
+    let mut result = PodResult::default();
+    let Some(status) = pod.status.as_ref() else {
+        return result;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return result;
     }
-    // Every waypoint's implicit policy is published (workloads behind it reference it).
-    for w in waypoints.iter() {
+    let mut ips: Vec<String> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.clone())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.clone());
+    }
+    let mut addresses = Vec::new();
+    for ip in ips.iter().filter(|ip| !ip.is_empty()) {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => result.problems.push(format!(
+                "Pod {namespace}/{name}: field status.podIPs: {ip:?} is not an IP address"
+            )),
+        }
+    }
+    if addresses.is_empty() {
+        return result;
+    }
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let namespace_labels = snapshot.namespace_labels(namespace);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let host_network = spec.host_network == Some(true);
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .or(spec.service_account.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let (workload_type, workload_name) = workload_type_and_name(pod, name);
+    let (canonical_name, canonical_revision) = canonical(&labels, &workload_name);
+
+    let mut workload_services: BTreeMap<String, PortList> = BTreeMap::new();
+    // Every waypoint that sends traffic to this pod: its own binding, and the waypoints of
+    // the services it backs (by selector or by EndpointSlice).
+    let mut behind_waypoints = std::collections::BTreeSet::new();
+    for service in ctx
+        .services
+        .by_namespace
+        .get(namespace)
+        .into_iter()
+        .flatten()
+    {
+        if super::selector_matches(&service.selector, &labels) {
+            workload_services.insert(service.key.clone(), ports_for(service, pod));
+            behind_waypoints.extend(service.has_waypoint.clone());
+        }
+    }
+    for (key, ports) in ctx
+        .by_slice
+        .get(&(namespace.clone(), name.clone()))
+        .into_iter()
+        .flatten()
+    {
+        workload_services.insert(key.clone(), ports.clone());
+        if let Some(info) = ctx.by_key.get(key.as_str()) {
+            behind_waypoints.extend(info.has_waypoint.clone());
+        }
+    }
+    let waypoint = ctx
+        .waypoints
+        .bound(Target::Workload, namespace, &labels, &namespace_labels);
+    if let Some(w) = waypoint {
+        behind_waypoints.insert((w.namespace.clone(), w.name.clone()));
+    }
+
+    // Only policies in the pod's namespace or the root namespace can select it (`selects`
+    // checks that too); the order does not matter, the list is sorted below.
+    let root = settings.authz.root_namespace.as_str();
+    let mut policies: Vec<String> = std::iter::once(namespace.as_str())
+        .chain((root != namespace.as_str()).then_some(root))
+        .filter_map(|ns| ctx.selector_by_namespace.get(ns))
+        .flatten()
+        .map(|&i| &ctx.selector_policies[i])
+        .filter(|(_, p)| authz::selects(p, namespace, &labels, &settings.authz))
+        .map(|(key, _)| key.clone())
+        .collect();
+    let peer = authz::peer_authentication(
+        namespace,
+        &labels,
+        snapshot.peer_authentications.values().map(AsRef::as_ref),
+        &settings.authz,
+    );
+    policies.extend(peer.policy_keys);
+    result.extras = peer.extra;
+    for (wns, wname) in &behind_waypoints {
+        let Some(w) = ctx.waypoints.get(wns, wname) else {
+            return result;
+        };
         let allow = authz::allow_from_waypoint(
-            &w.namespace,
-            &w.name,
+            wns,
+            wname,
             &[w.principal(&settings.authz.trust_domain)],
             &settings.authz,
         );
-        used_waypoints.insert(format!("{}/{}", allow.namespace, allow.name), allow);
+        policies.push(format!("{}/{}", allow.namespace, allow.name));
     }
-    out.authorizations.extend(used_waypoints);
+    policies.sort();
+    policies.dedup();
+
+    let node_labels = spec
+        .node_name
+        .as_ref()
+        .and_then(|n| snapshot.nodes.get(n))
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    let locality = match (
+        node_labels.get("topology.kubernetes.io/region"),
+        node_labels.get("topology.kubernetes.io/zone"),
+    ) {
+        (None, None) => None,
+        (region, zone) => Some(Locality {
+            region: region.cloned().unwrap_or_default(),
+            zone: zone.cloned().unwrap_or_default(),
+            subzone: node_labels
+                .get("topology.istio.io/subzone")
+                .cloned()
+                .unwrap_or_default(),
+        }),
+    };
+
+    let uid = workload_uid(&settings.cluster_id, namespace, name);
+    let trust_domain = &settings.authz.trust_domain;
+    let workload = wl::Workload {
+        uid: uid.clone(),
+        name: name.clone(),
+        namespace: namespace.clone(),
+        addresses: addresses.iter().map(super::ip_bytes).collect(),
+        network: settings.network.clone(),
+        tunnel_protocol: if annotations.get(REDIRECTION_ANNOTATION).map(String::as_str)
+            == Some("enabled")
+        {
+            TunnelProtocol::Hbone as i32
+        } else {
+            TunnelProtocol::None as i32
+        },
+        trust_domain: if trust_domain == "cluster.local" {
+            String::new()
+        } else {
+            trust_domain.clone()
+        },
+        service_account: if service_account == "default" {
+            String::new()
+        } else {
+            service_account
+        },
+        waypoint: waypoint.map(|w| w.gateway_address()),
+        node: spec.node_name.clone().unwrap_or_default(),
+        canonical_name,
+        canonical_revision,
+        workload_type: workload_type as i32,
+        workload_name,
+        authorization_policies: policies,
+        status: if is_ready(pod) {
+            WorkloadStatus::Healthy as i32
+        } else {
+            WorkloadStatus::Unhealthy as i32
+        },
+        cluster_id: settings.cluster_id.clone(),
+        services: workload_services.into_iter().collect(),
+        locality,
+        network_mode: if host_network {
+            NetworkMode::HostNetwork as i32
+        } else {
+            NetworkMode::Standard as i32
+        },
+        ..Default::default()
+    };
+    let aliases = if host_network {
+        Vec::new()
+    } else {
+        addresses
+            .iter()
+            .map(|ip| super::address_alias(&settings.network, ip))
+            .collect()
+    };
+    result.address = Some(AddressResource {
+        name: uid,
+        aliases,
+        address: wl::Address {
+            r#type: Some(address::Type::Workload(workload)),
+        },
+    });
+    result
 }

@@ -171,15 +171,79 @@ impl Cache {
         }
         ts.resources = next;
         ts.aliases = aliases;
-        ts.log_names += changed_names.len();
-        ts.log.push_back((next_generation, changed_names));
-        let keep = LOG_MIN_NAMES.max(2 * ts.resources.len());
-        while ts.log_names > keep && ts.log.len() > 1 {
-            if let Some((generation, names)) = ts.log.pop_front() {
-                ts.log_names -= names.len();
-                ts.log_floor = generation;
+        ts.record(next_generation, changed_names);
+        state.generation = next_generation;
+        drop(state);
+        self.generation.send_replace(next_generation);
+        SetOutcome {
+            generation: next_generation,
+            changed,
+            removed,
+        }
+    }
+
+    /// Changes some `type_url` resources and keeps the rest: what [`Cache::set`] of the whole
+    /// set with `upserts` replacing (or adding) their names and `removals` left out would do,
+    /// at a cost proportional to the change.
+    ///
+    /// An upsert whose body and aliases are unchanged is not a change; a removal of a name not
+    /// present is ignored. Of duplicate upserted names the last one wins; a name both upserted
+    /// and removed is removed. Like [`Cache::set`], the first call for a type publishes it.
+    pub fn update(
+        &self,
+        type_url: &str,
+        upserts: Vec<Resource>,
+        removals: &[String],
+    ) -> SetOutcome {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let first = !state.types.contains_key(type_url);
+        let next_generation = state.generation + 1;
+        let ts = state.types.entry(type_url.to_owned()).or_default();
+
+        let mut changed_names: Vec<Arc<str>> = Vec::new();
+        for resource in upserts {
+            if removals.contains(&resource.name) {
+                continue;
+            }
+            let version = version_of(&resource.body.value);
+            let old = ts.resources.get(resource.name.as_str());
+            if old.is_some_and(|o| *o.version == *version && o.aliases == resource.aliases) {
+                continue;
+            }
+            let name: Arc<str> = old
+                .map(|o| o.name.clone())
+                .unwrap_or_else(|| Arc::from(resource.name.as_str()));
+            let entry = Arc::new(Versioned {
+                name: name.clone(),
+                version: version.into(),
+                aliases: resource.aliases,
+                body: resource.body,
+            });
+            if let Some(old) = ts.resources.insert(name.clone(), entry.clone()) {
+                ts.unindex_aliases(&old);
+            }
+            ts.index_aliases(&entry);
+            changed_names.push(name);
+        }
+        changed_names.sort_unstable();
+        changed_names.dedup();
+        let changed = changed_names.len();
+        let mut removed = 0;
+        for name in removals {
+            if let Some(old) = ts.resources.remove(name.as_str()) {
+                ts.unindex_aliases(&old);
+                changed_names.push(old.name.clone());
+                removed += 1;
             }
         }
+        if changed_names.is_empty() && !first {
+            return SetOutcome {
+                generation: state.generation,
+                changed: 0,
+                removed: 0,
+            };
+        }
+        ts.record(next_generation, changed_names);
         state.generation = next_generation;
         drop(state);
         self.generation.send_replace(next_generation);
@@ -259,6 +323,42 @@ impl State {
 }
 
 impl TypeState {
+    /// Appends `names` to the changelog at `generation`, forgetting the oldest entries beyond
+    /// what [`LOG_MIN_NAMES`] keeps.
+    fn record(&mut self, generation: u64, names: Vec<Arc<str>>) {
+        self.log_names += names.len();
+        self.log.push_back((generation, names));
+        let keep = LOG_MIN_NAMES.max(2 * self.resources.len());
+        while self.log_names > keep && self.log.len() > 1 {
+            if let Some((generation, names)) = self.log.pop_front() {
+                self.log_names -= names.len();
+                self.log_floor = generation;
+            }
+        }
+    }
+
+    /// Adds `entry`'s aliases to the alias index (names kept sorted, once each).
+    fn index_aliases(&mut self, entry: &Versioned) {
+        for alias in &entry.aliases {
+            let names = self.aliases.entry(alias.clone()).or_default();
+            if let Err(at) = names.binary_search(&entry.name) {
+                names.insert(at, entry.name.clone());
+            }
+        }
+    }
+
+    /// Removes `entry`'s aliases from the alias index.
+    fn unindex_aliases(&mut self, entry: &Versioned) {
+        for alias in &entry.aliases {
+            if let Some(names) = self.aliases.get_mut(alias.as_str()) {
+                names.retain(|n| *n != entry.name);
+                if names.is_empty() {
+                    self.aliases.remove(alias.as_str());
+                }
+            }
+        }
+    }
+
     /// The names `key` designates: itself if it is a resource name, else the resources
     /// publishing it as an alias (sorted), else nothing.
     pub(crate) fn resolve(&self, key: &str) -> Vec<Arc<str>> {
@@ -374,6 +474,71 @@ mod tests {
             "trimmed history asks for a full diff"
         );
         assert_eq!(names(ts.changed_since(last - 1)), ["a"]);
+    }
+
+    #[test]
+    fn update_equals_set_of_the_whole_set() {
+        let full = Cache::new();
+        let partial = Cache::new();
+        let initial = vec![
+            res("a", b"1", &["/10.0.0.1"]),
+            res("b", b"2", &["/10.0.0.2", "/shared"]),
+            res("c", b"3", &["/shared"]),
+        ];
+        full.set(T, initial.clone());
+        partial.set(T, initial);
+        // Change a's body, move b's alias, remove c, add d sharing an alias; re-send an
+        // unchanged resource, which is no change.
+        let out = partial.update(
+            T,
+            vec![
+                res("a", b"1x", &["/10.0.0.1"]),
+                res("b", b"2", &["/10.0.0.3", "/shared"]),
+                res("d", b"4", &["/shared"]),
+                res("e", b"5", &[]),
+            ],
+            &["c".to_owned(), "e".to_owned(), "nope".to_owned()],
+        );
+        assert_eq!(
+            (out.changed, out.removed),
+            (3, 1),
+            "e is upserted and removed"
+        );
+        let want = full.set(
+            T,
+            vec![
+                res("a", b"1x", &["/10.0.0.1"]),
+                res("b", b"2", &["/10.0.0.3", "/shared"]),
+                res("d", b"4", &["/shared"]),
+            ],
+        );
+        assert_eq!((want.changed, want.removed), (3, 1));
+        assert_eq!(partial.list(T), full.list(T));
+        for alias in ["/10.0.0.1", "/10.0.0.2", "/10.0.0.3", "/shared"] {
+            assert_eq!(
+                partial.get(T, alias).map(|e| e.name.clone()),
+                full.get(T, alias).map(|e| e.name.clone()),
+                "{alias}"
+            );
+            let (p, f) = (partial.read(), full.read());
+            assert_eq!(
+                p.get(T).unwrap().resolve(alias),
+                f.get(T).unwrap().resolve(alias)
+            );
+        }
+        let state = partial.read();
+        assert_eq!(
+            names(state.get(T).unwrap().changed_since(1)),
+            ["a", "b", "c", "d"]
+        );
+        drop(state);
+        let unchanged = partial.update(T, vec![res("a", b"1x", &["/10.0.0.1"])], &[]);
+        assert_eq!(unchanged.generation, out.generation, "no change, no bump");
+        assert_eq!(
+            Cache::new().update(T, vec![], &[]).generation,
+            1,
+            "the first update publishes the type"
+        );
     }
 
     #[tokio::test]

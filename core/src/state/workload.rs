@@ -1,6 +1,5 @@
 //! A workload (pod, VM entry) as WDS describes it (`istio.workload.Workload`).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use weft_proto::istio::workload as proto;
@@ -61,6 +60,67 @@ pub struct Port {
     pub target_port: u16,
 }
 
+/// A workload's services: `namespace/hostname` → port map, sorted by key.
+///
+/// A map with the lookups a `HashMap` offers, kept as one sorted vector: a workload is usually
+/// the endpoint of one or two services, where a hash map's table costs ~200 bytes more per
+/// workload (ztunnel holds one per workload in the cluster).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePorts(Vec<(String, Vec<Port>)>);
+
+impl ServicePorts {
+    /// The port map of `key`.
+    pub fn get(&self, key: &str) -> Option<&Vec<Port>> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Whether the workload is an endpoint of `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// The service keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// `(key, ports)` pairs, sorted by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Vec<Port>)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Number of services.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the workload backs no service.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, Vec<Port>)> for ServicePorts {
+    /// Of duplicate keys the last one wins (as inserting into a map).
+    fn from_iter<I: IntoIterator<Item = (String, Vec<Port>)>>(iter: I) -> Self {
+        let mut entries: Vec<(String, Vec<Port>)> = iter.into_iter().collect();
+        // Stable: equal keys keep their order, so keeping the last of each run is "last wins".
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(String, Vec<Port>)> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match out.last_mut() {
+                Some(last) if last.0 == entry.0 => *last = entry,
+                _ => out.push(entry),
+            }
+        }
+        out.shrink_to_fit();
+        ServicePorts(out)
+    }
+}
+
 /// A workload from WDS, validated and with defaults applied (reference §2.6, §2.7).
 ///
 /// Built only by converting the wire form ([`TryFrom<proto::Workload>`]); the identity is derived
@@ -94,7 +154,7 @@ pub struct Workload {
     /// Gateway for reaching this workload from another network.
     pub network_gateway: Option<GatewayAddress>,
     /// Services this workload is an endpoint of: key `namespace/hostname` → its port map.
-    pub services: HashMap<String, Vec<Port>>,
+    pub services: ServicePorts,
     /// `namespace/name` keys of workload-selector authorization policies that apply to it.
     pub authorization_policies: Vec<String>,
     /// `status = HEALTHY`. Unhealthy workloads are not chosen as endpoints unless the service's
@@ -240,15 +300,16 @@ impl TryFrom<proto::Workload> for Workload {
         let waypoint = convert_optional(w.waypoint, "waypoint").map_err(|(f, r)| err(f, r))?;
         let network_gateway =
             convert_optional(w.network_gateway, "network_gateway").map_err(|(f, r)| err(f, r))?;
-        let mut services = HashMap::with_capacity(w.services.len());
+        let mut services = Vec::with_capacity(w.services.len());
         for (key, list) in w.services {
             let field = format!("services[{key:?}]");
             if split_service_key(&key).is_none() {
                 return Err(err(field, Reason::ServiceKey { value: key }));
             }
             let list = ports(&list.ports, &format!("{field}.ports")).map_err(|(f, r)| err(f, r))?;
-            services.insert(key, list);
+            services.push((key, list));
         }
+        let services: ServicePorts = services.into_iter().collect();
         let trust_domain = non_empty_or(&w.trust_domain, DEFAULT_TRUST_DOMAIN);
         let service_account = non_empty_or(&w.service_account, DEFAULT_SERVICE_ACCOUNT);
         let identity = SpiffeId::new(trust_domain, &w.namespace, service_account).map_err(|e| {
