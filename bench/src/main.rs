@@ -17,6 +17,7 @@
 #![allow(clippy::print_stdout)]
 
 mod controller;
+mod engine;
 mod hbone;
 mod mesh;
 mod report;
@@ -53,6 +54,8 @@ enum Command {
     Waypoint(waypoint::Args),
     /// Every scenario in turn: hbone, controller, mesh, then waypoint.
     Run(RunArgs),
+    /// The waypoint's HTTP stack vs Envoy as an HTTP router, same routes, loopback, 1 worker each.
+    Engine(engine::Args),
 }
 
 /// Arguments of `run`: those of every scenario it runs.
@@ -86,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(args) => run_controller(&runtime, &args, &cli.results_dir),
         Command::Mesh(args) => run_mesh(&args, &cli.results_dir),
         Command::Waypoint(args) => run_waypoint(&args, &cli.results_dir),
+        Command::Engine(args) => run_engine(&args, &cli.results_dir),
         Command::Run(args) => {
             run_hbone(&runtime, &args.hbone, &cli.results_dir)?;
             println!();
@@ -130,6 +134,14 @@ fn run_controller(
     let result = runtime.block_on(controller::run(args))?;
     controller::print(&result);
     let path = controller::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn run_engine(args: &engine::Args, results_dir: &Path) -> anyhow::Result<()> {
+    let result = engine::run(args, &std::env::temp_dir().join("weft-bench-engine"))?;
+    engine::print(&result);
+    let path = engine::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

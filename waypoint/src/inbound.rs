@@ -20,14 +20,14 @@ use weft_core::copy::{ReadReady, copy_bidirectional};
 use weft_core::drain;
 use weft_core::hbone::headers::{FORWARDED, Forwarded, ForwardedFor};
 use weft_core::hbone::{
-    Authority, ConnectRequest, Decision, Handler, Refusal, Stream as HboneStream,
+    Authority, ConnectRequest, Decision, Handler, Refusal,
 };
 
 use crate::engine::{LoadBalancer, Protocol};
 use crate::metrics::{Facts, TcpLabels};
 use crate::proxy::{Downstream, Proxy};
 use crate::state::{Binding, Target, resolve};
-use crate::upstream::{Destination, error_chain};
+use crate::upstream::{Destination, Io, error_chain};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -211,6 +211,29 @@ impl Handler for Inbound {
     }
 }
 
+/// Serves one accepted byte stream for `target` exactly as an accepted HBONE stream is served
+/// (protocol detection, then HTTP/1.1 or HTTP/2 into `proxy`, or opaque TCP); `peer` stands for
+/// the mTLS peer identity and `client` for the original client address. Used by
+/// [`crate::standalone`], whose plain TCP listener replaces HBONE for benchmarks.
+pub async fn serve_stream<I: Io>(
+    proxy: Arc<Proxy>,
+    target: Target,
+    peer: weft_core::SpiffeId,
+    client: SocketAddr,
+    drain: drain::Watch,
+    io: I,
+) {
+    Stream {
+        proxy,
+        target,
+        peer,
+        client,
+        drain,
+    }
+    .serve(io)
+    .await;
+}
+
 /// One accepted stream.
 struct Stream {
     proxy: Arc<Proxy>,
@@ -234,7 +257,7 @@ impl Stream {
 
     /// Serves the stream: a TCP port is never parsed; otherwise the first bytes decide between
     /// HTTP/2 (the preface) and HTTP/1.1, and, when the port is not declared HTTP, opaque TCP.
-    async fn serve(self, mut io: HboneStream) {
+    async fn serve<I: Io>(self, mut io: I) {
         let configured = self.configured();
         let mut prefix = BytesMut::with_capacity(64);
         let protocol = if configured == Protocol::Tcp {
@@ -267,7 +290,7 @@ impl Stream {
         }
     }
 
-    async fn serve_http(self, io: Rewind<HboneStream>, protocol: Detected) {
+    async fn serve_http<I: Io>(self, io: Rewind<I>, protocol: Detected) {
         let http2 = protocol == Detected::Http2;
         let downstream = Arc::new(Downstream {
             target: self.target,
@@ -315,7 +338,7 @@ impl Stream {
         }
     }
 
-    async fn serve_tcp(self, mut io: Rewind<HboneStream>) {
+    async fn serve_tcp<I: Io>(self, mut io: Rewind<I>) {
         if let Err(denied) = self
             .proxy
             .authorize_connection(&self.target, &self.peer, self.client)
