@@ -118,6 +118,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    /// Passed through so writers that gather (h2 sends a frame head and a DATA payload as two
+    /// buffers) make one `writev` instead of one write per buffer.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -294,6 +308,7 @@ impl Stream {
         let http2 = protocol == Detected::Http2;
         let downstream = Arc::new(Downstream {
             target: self.target,
+            peer_text: Arc::from(self.peer.to_string()),
             peer: self.peer,
             client: self.client,
             http2,
