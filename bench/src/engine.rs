@@ -173,7 +173,9 @@ struct PolicySpec {
 const POLICY: PolicySpec = PolicySpec {
     ip_block: ("127.0.0.0", 8),
     methods: &["GET", "POST"],
-    path_prefixes: &["/bench", "/api/", "/static/", "/users", "/orders", "/search"],
+    path_prefixes: &[
+        "/bench", "/api/", "/static/", "/users", "/orders", "/search",
+    ],
 };
 
 /// The rendered route order must match the sort the engine would apply: reject a table whose
@@ -324,11 +326,13 @@ fn service_config() -> pb::ServiceConfig {
                 vec![]
             } else {
                 vec![pb::Filter {
-                    kind: Some(pb::filter::Kind::RequestHeaderModifier(pb::HeaderModifier {
-                        set: headers(r.set),
-                        add: headers(r.add),
-                        remove: vec![],
-                    })),
+                    kind: Some(pb::filter::Kind::RequestHeaderModifier(
+                        pb::HeaderModifier {
+                            set: headers(r.set),
+                            add: headers(r.add),
+                            remove: vec![],
+                        },
+                    )),
                 }]
             },
             backends: r
@@ -677,7 +681,11 @@ fn wait_serving(proxy: &mut Proxy) -> Result<()> {
         match attempt {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() > deadline => {
-                bail!("{} not serving 200 at {} after 20 s: {e}", proxy.name, proxy.addr)
+                bail!(
+                    "{} not serving 200 at {} after 20 s: {e}",
+                    proxy.name,
+                    proxy.addr
+                )
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -712,7 +720,12 @@ fn start_waypoint(args: &Args, dir: &Path, upstream_port: u16) -> Result<Proxy> 
             SocketAddr::from((SERVICE_VIP, SERVICE_PORT))
         ))
         .args(["--peer", PEER, "--namespace", NAMESPACE])
-        .args(["--waypoint-hostname", WAYPOINT_HOST, "--worker-threads", "1"])
+        .args([
+            "--waypoint-hostname",
+            WAYPOINT_HOST,
+            "--worker-threads",
+            "1",
+        ])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -780,16 +793,9 @@ impl MaxRun {
     }
 }
 
-fn h2load(
-    addr: SocketAddr,
-    http1: bool,
-    connections: u32,
-    streams: u32,
-    secs: u64,
-) -> Result<u64> {
-    let exe = which("h2load").context(
-        "h2load not found (Debian nghttp2-client): run scripts/install-deps",
-    )?;
+fn h2load(addr: SocketAddr, http1: bool, connections: u32, streams: u32, secs: u64) -> Result<u64> {
+    let exe = which("h2load")
+        .context("h2load not found (Debian nghttp2-client): run scripts/install-deps")?;
     let mut cmd = Command::new(exe);
     if http1 {
         cmd.arg("--h1");
@@ -986,7 +992,8 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<EngineResult> {
     if !routes_in_precedence() {
         bail!("ROUTES is not in Gateway API precedence order");
     }
-    which("h2load").context("h2load not found (Debian nghttp2-client): run scripts/install-deps")?;
+    which("h2load")
+        .context("h2load not found (Debian nghttp2-client): run scripts/install-deps")?;
     let envoy_exe = if args.waypoint_only {
         None
     } else {
@@ -1021,7 +1028,11 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<EngineResult> {
     // Alternate the proxies so drift on the shared machine hits both alike.
     let mut runs: Vec<[Option<MaxRun>; 2]> = vec![[None, None], [None, None]];
     for (p, http1) in [(0, true), (1, true), (0, false), (1, false)] {
-        let proxy = if p == 0 { Some(&waypoint) } else { envoy.as_ref() };
+        let proxy = if p == 0 {
+            Some(&waypoint)
+        } else {
+            envoy.as_ref()
+        };
         if let Some(proxy) = proxy {
             runs[p][usize::from(!http1)] = Some(max_run(proxy, args, http1)?);
         }
@@ -1189,16 +1200,14 @@ mod tests {
         assert!(routes_in_precedence());
         let config = service_config();
         assert_eq!(config.ports[0].routes.len(), ROUTES.len());
-        let envoy = envoy_bootstrap(
-            "127.0.0.1:1".parse().unwrap(),
-            2,
-            3,
-            Path::new("/dev/null"),
-        );
-        let routes = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-            ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"];
+        let envoy = envoy_bootstrap("127.0.0.1:1".parse().unwrap(), 2, 3, Path::new("/dev/null"));
+        let routes = &envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["route_config"]["virtual_hosts"][0]["routes"];
         assert_eq!(routes.as_array().unwrap().len(), ROUTES.len());
-        assert_eq!(routes[1]["route"]["weighted_clusters"]["clusters"][1]["weight"], 50);
+        assert_eq!(
+            routes[1]["route"]["weighted_clusters"]["clusters"][1]["weight"],
+            50
+        );
         let bytes = waypoint_resources(8080);
         let mut buf = bytes.as_slice();
         let mut types = Vec::new();

@@ -19,9 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::copy::{ReadReady, copy_bidirectional};
 use weft_core::drain;
 use weft_core::hbone::headers::{FORWARDED, Forwarded, ForwardedFor};
-use weft_core::hbone::{
-    Authority, ConnectRequest, Decision, Handler, Refusal,
-};
+use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 
 use crate::engine::{LoadBalancer, Protocol};
 use crate::metrics::{Facts, TcpLabels};

@@ -8,7 +8,10 @@ use waypoint::config::Config;
 
 fn main() -> anyhow::Result<()> {
     weft_core::logging::init();
-    if std::env::args_os().nth(1).is_some_and(|a| a == "bench-serve") {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "bench-serve")
+    {
         let config = waypoint::standalone::Config::parse_from(std::env::args_os().skip(1));
         let runtime = runtime(config.worker_threads)?;
         runtime.block_on(waypoint::standalone::run(config, shutdown()))?;

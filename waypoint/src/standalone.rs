@@ -27,8 +27,8 @@ use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::net::TcpListener;
 use tracing::{Instrument, info, info_span, warn};
-use weft_core::hbone::{CertificateSource, Pool, PoolConfig, TcpConnector};
 use weft_core::certs::WorkloadCertificate;
+use weft_core::hbone::{CertificateSource, Pool, PoolConfig, TcpConnector};
 use weft_core::xds::Update;
 use weft_core::{SpiffeId, drain};
 use weft_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
@@ -240,9 +240,8 @@ pub async fn run(
         Arc::new(NoCertificates),
     );
     let forwarder = Arc::new(Forwarder::new(state.clone(), pool, config.identity.clone()));
-    let proxy = Arc::new(
-        Proxy::new(state.clone(), forwarder, metrics.clone()).with_drain(watch.clone()),
-    );
+    let proxy =
+        Arc::new(Proxy::new(state.clone(), forwarder, metrics.clone()).with_drain(watch.clone()));
     if let Some(addr) = config.stats {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
