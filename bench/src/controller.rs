@@ -1205,7 +1205,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn yes_no(ok: bool) -> &'static str {
+pub(crate) fn yes_no(ok: bool) -> &'static str {
     if ok { "yes" } else { "no" }
 }
 

@@ -19,6 +19,7 @@
 #![allow(clippy::print_stdout)]
 
 mod controller;
+mod engine;
 mod hbone;
 mod latency;
 mod load;
@@ -87,6 +88,8 @@ enum Command {
     },
     /// Config scale: controller and real-ztunnel memory and apply time at 10k/100k workloads.
     Scale(scale::Args),
+    /// The waypoint's HTTP stack vs Envoy as an HTTP router, same routes, loopback, 1 worker each.
+    Engine(engine::Args),
 }
 
 /// Arguments of `run`.
@@ -153,6 +156,9 @@ fn main() -> Result<ExitCode> {
         }
         Command::Scale(args) => {
             run_scale(&runtime, &args, dir)?;
+        }
+        Command::Engine(args) => {
+            run_engine(&args, dir)?;
         }
         Command::Latency { testbed, args } => {
             let bed = Testbed::up(&testbed)?;
@@ -320,6 +326,16 @@ fn run_in_process(name: &str, runtime: &Runtime, args: &RunArgs, dir: &Path) -> 
             };
             run_scale(runtime, &scale, dir)?
         }
+        "engine" => {
+            #[derive(clap::Parser)]
+            struct Defaults {
+                #[command(flatten)]
+                engine: engine::Args,
+            }
+            let mut engine = <Defaults as clap::Parser>::try_parse_from(["engine"])?.engine;
+            engine.quick = args.quick;
+            run_engine(&engine, dir)?
+        }
         other => anyhow::bail!("no runner for scenario {other}"),
     };
     let text =
@@ -357,6 +373,14 @@ fn run_scale(runtime: &Runtime, args: &scale::Args, results_dir: &Path) -> Resul
     let result = runtime.block_on(scale::run(args))?;
     scale::print(&result);
     let path = scale::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(path)
+}
+
+fn run_engine(args: &engine::Args, results_dir: &Path) -> Result<PathBuf> {
+    let result = engine::run(args, &std::env::temp_dir().join("weft-bench-engine"))?;
+    engine::print(&result);
+    let path = engine::write_json(&result, results_dir)?;
     eprintln!("wrote {}", path.display());
     Ok(path)
 }

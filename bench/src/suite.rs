@@ -56,6 +56,15 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         ],
     },
     Scenario {
+        name: "engine",
+        about: "the waypoint's HTTP stack vs Envoy as an HTTP router, same route table, loopback, 1 worker each",
+        cluster: false,
+        figures: &[
+            ("/ratio_per_core/http1", Positive),
+            ("/ratio_per_core/h2c", Positive),
+        ],
+    },
+    Scenario {
         name: "scale",
         about: "config scale: controller translation and memory, a real ztunnel's memory and apply time at 10,000 and 100,000 workloads",
         cluster: false,
@@ -396,7 +405,11 @@ mod tests {
             table.contains("| latency | — | ≤ 0.1 ms | failed |"),
             "{table}"
         );
-        assert!(table.contains("not on this branch"), "{table}");
+        // A listed scenario absent from the results was not run.
+        assert!(
+            table.contains("| engine | — | ≥ 1.2× | not run |"),
+            "{table}"
+        );
         assert!(
             table.contains("| controller | — | < 50 ms | not run |"),
             "{table}"

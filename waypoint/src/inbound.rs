@@ -19,15 +19,13 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use weft_core::copy::{ReadReady, copy_bidirectional};
 use weft_core::drain;
 use weft_core::hbone::headers::{FORWARDED, Forwarded, ForwardedFor};
-use weft_core::hbone::{
-    Authority, ConnectRequest, Decision, Handler, Refusal, Stream as HboneStream,
-};
+use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 
 use crate::engine::{LoadBalancer, Protocol};
 use crate::metrics::{Facts, TcpLabels};
 use crate::proxy::{Downstream, Proxy};
 use crate::state::{Binding, Target, resolve};
-use crate::upstream::{Destination, error_chain};
+use crate::upstream::{Destination, Io, error_chain};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -116,6 +114,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    /// Passed through so writers that gather (h2 sends a frame head and a DATA payload as two
+    /// buffers) make one `writev` instead of one write per buffer.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -211,6 +223,29 @@ impl Handler for Inbound {
     }
 }
 
+/// Serves one accepted byte stream for `target` exactly as an accepted HBONE stream is served
+/// (protocol detection, then HTTP/1.1 or HTTP/2 into `proxy`, or opaque TCP); `peer` stands for
+/// the mTLS peer identity and `client` for the original client address. Used by
+/// [`crate::standalone`], whose plain TCP listener replaces HBONE for benchmarks.
+pub async fn serve_stream<I: Io>(
+    proxy: Arc<Proxy>,
+    target: Target,
+    peer: weft_core::SpiffeId,
+    client: SocketAddr,
+    drain: drain::Watch,
+    io: I,
+) {
+    Stream {
+        proxy,
+        target,
+        peer,
+        client,
+        drain,
+    }
+    .serve(io)
+    .await;
+}
+
 /// One accepted stream.
 struct Stream {
     proxy: Arc<Proxy>,
@@ -234,7 +269,7 @@ impl Stream {
 
     /// Serves the stream: a TCP port is never parsed; otherwise the first bytes decide between
     /// HTTP/2 (the preface) and HTTP/1.1, and, when the port is not declared HTTP, opaque TCP.
-    async fn serve(self, mut io: HboneStream) {
+    async fn serve<I: Io>(self, mut io: I) {
         let configured = self.configured();
         let mut prefix = BytesMut::with_capacity(64);
         let protocol = if configured == Protocol::Tcp {
@@ -267,10 +302,11 @@ impl Stream {
         }
     }
 
-    async fn serve_http(self, io: Rewind<HboneStream>, protocol: Detected) {
+    async fn serve_http<I: Io>(self, io: Rewind<I>, protocol: Detected) {
         let http2 = protocol == Detected::Http2;
         let downstream = Arc::new(Downstream {
             target: self.target,
+            peer_text: Arc::from(self.peer.to_string()),
             peer: self.peer,
             client: self.client,
             http2,
@@ -315,7 +351,7 @@ impl Stream {
         }
     }
 
-    async fn serve_tcp(self, mut io: Rewind<HboneStream>) {
+    async fn serve_tcp<I: Io>(self, mut io: Rewind<I>) {
         if let Err(denied) = self
             .proxy
             .authorize_connection(&self.target, &self.peer, self.client)

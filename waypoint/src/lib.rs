@@ -11,7 +11,7 @@
 //! ([`proxy`]), forwarding with retries/timeouts ([`upstream`]) and endpoint choice / outlier
 //! detection ([`lb`]), request bodies ([`body`]), the one error → status mapping ([`error`]),
 //! trace headers ([`trace`]), telemetry ([`metrics`]) and the wiring with admin endpoints
-//! ([`app`]). Does not own: route and policy evaluation ([`engine`], pure), HBONE, TLS, xDS or
+//! ([`app`]), and a benchmark-only standalone mode on plain TCP ([`standalone`]). Does not own: route and policy evaluation ([`engine`], pure), HBONE, TLS, xDS or
 //! certificates (`weft_core`).
 
 pub mod app;
@@ -23,6 +23,7 @@ pub mod inbound;
 pub mod lb;
 pub mod metrics;
 pub mod proxy;
+pub mod standalone;
 pub mod state;
 pub mod trace;
 pub mod upstream;

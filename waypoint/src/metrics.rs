@@ -4,12 +4,16 @@
 //! `istio_tcp_connections_opened_total` / `_closed_total` / `istio_tcp_sent_bytes_total` /
 //! `istio_tcp_received_bytes_total` for opaque TCP. Missing values are `unknown`.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use weft_core::state::Workload;
+use weft_core::state::{Service, Workload};
 
 const UNKNOWN: &str = "unknown";
 
@@ -154,6 +158,104 @@ fn bytes_histogram() -> Histogram {
 
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
+/// What one request's labels are made of, cheap to compare: the workloads and the service by
+/// identity (the key holds them, so an address is not reused while it is cached), the rest by
+/// value. Equal keys always give equal [`HttpLabels`].
+#[derive(Debug, Clone)]
+pub struct RequestKey {
+    /// Source workload, when known (by client IP).
+    pub source: Option<Arc<Workload>>,
+    /// Source principal (`spiffe://…`) from the peer certificate.
+    pub source_principal: Arc<str>,
+    /// Destination workload (the chosen endpoint), when known.
+    pub destination: Option<Arc<Workload>>,
+    /// Destination service.
+    pub service: Option<Arc<Service>>,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// Response flags (`-` for none).
+    pub flags: &'static str,
+    /// The status sent downstream.
+    pub status: u16,
+    /// The gRPC status, if any.
+    pub grpc_status: Option<String>,
+}
+
+fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn address<T>(a: &Option<Arc<T>>) -> usize {
+    a.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize)
+}
+
+impl PartialEq for RequestKey {
+    fn eq(&self, other: &Self) -> bool {
+        same(&self.source, &other.source)
+            && same(&self.destination, &other.destination)
+            && same(&self.service, &other.service)
+            && self.status == other.status
+            && self.protocol == other.protocol
+            && self.flags == other.flags
+            && self.source_principal == other.source_principal
+            && self.grpc_status == other.grpc_status
+    }
+}
+
+impl Eq for RequestKey {}
+
+impl Hash for RequestKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        address(&self.source).hash(state);
+        address(&self.destination).hash(state);
+        address(&self.service).hash(state);
+        self.status.hash(state);
+        self.protocol.hash(state);
+        self.flags.hash(state);
+        self.source_principal.hash(state);
+        self.grpc_status.hash(state);
+    }
+}
+
+impl RequestKey {
+    /// The labels this key stands for.
+    pub fn labels(&self) -> HttpLabels {
+        let facts = Facts {
+            source: self.source.as_deref(),
+            source_principal: Some(self.source_principal.to_string()),
+            destination: self.destination.as_deref(),
+            destination_service: self
+                .service
+                .as_ref()
+                .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone())),
+        };
+        HttpLabels::new(
+            &facts,
+            self.protocol,
+            self.flags,
+            self.status,
+            self.grpc_status.as_deref(),
+        )
+    }
+}
+
+/// One label set's request metrics, looked up in the families once.
+#[derive(Debug, Clone)]
+struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Label sets whose handles are kept; past this the cache starts over (the families keep every
+/// series; only the shortcut to them is dropped).
+const MAX_CACHED_LABEL_SETS: usize = 1024;
+
 /// The waypoint's metrics.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -173,6 +275,9 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     /// `istio_tcp_sent_bytes_total` (server → client).
     pub tcp_sent: Family<TcpLabels, Counter>,
+    /// Request metric handles by [`RequestKey`], so a request builds no label strings and
+    /// hashes no label set once its key was seen.
+    handles: Arc<Mutex<HashMap<RequestKey, RequestHandles>>>,
 }
 
 impl Default for Metrics {
@@ -186,6 +291,7 @@ impl Default for Metrics {
             tcp_closed: Family::default(),
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
+            handles: Arc::default(),
         }
     }
 }
@@ -243,6 +349,45 @@ impl Metrics {
             "Bytes sent to clients",
             self.tcp_sent.clone(),
         );
+    }
+
+    /// Records one finished request whose labels are `key`'s ([`RequestKey::labels`]): the
+    /// same series [`Metrics::record`] updates, without building the labels again for a key
+    /// already seen.
+    pub fn record_request(
+        &self,
+        key: &RequestKey,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let Ok(mut cache) = self.handles.lock() else {
+            return self.record(&RequestRecord {
+                labels: key.labels(),
+                duration_ms,
+                request_bytes,
+                response_bytes,
+            });
+        };
+        if !cache.contains_key(key) {
+            if cache.len() >= MAX_CACHED_LABEL_SETS {
+                cache.clear();
+            }
+            let labels = key.labels();
+            let handles = RequestHandles {
+                requests: self.requests.get_or_create(&labels).clone(),
+                duration: self.duration.get_or_create(&labels).clone(),
+                request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+                response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+            };
+            cache.insert(key.clone(), handles);
+        }
+        if let Some(h) = cache.get(key) {
+            h.requests.inc();
+            h.duration.observe(duration_ms);
+            h.request_bytes.observe(request_bytes as f64);
+            h.response_bytes.observe(response_bytes as f64);
+        }
     }
 
     /// Records one finished request.
@@ -311,6 +456,30 @@ mod tests {
         }
         assert!(line.ends_with(" 1"), "{line}");
         assert!(text.contains("istio_request_duration_milliseconds_bucket{"));
+
+        // The cached path updates the same series as `record`.
+        let key = RequestKey {
+            source: None,
+            source_principal: Arc::from("spiffe://cluster.local/ns/a/sa/c"),
+            destination: None,
+            service: None,
+            protocol: "http",
+            flags: "-",
+            status: 200,
+            grpc_status: None,
+        };
+        let labels = key.labels();
+        for _ in 0..3 {
+            metrics.record_request(&key, 1.0, 0, 5);
+        }
+        metrics.record(&RequestRecord {
+            labels: labels.clone(),
+            duration_ms: 1.0,
+            request_bytes: 0,
+            response_bytes: 5,
+        });
+        assert_eq!(metrics.requests.get_or_create(&labels).get(), 4);
+        assert_eq!(key.labels(), labels);
         assert!(text.contains("istio_response_bytes_sum{"));
     }
 }

@@ -16,13 +16,13 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, info};
-use weft_core::state::Workload;
+use weft_core::state::{Service, Workload};
 use weft_core::{SpiffeId, drain};
 
 use crate::body::{self, BoxBody, BoxError, REPLAY_LIMIT_BYTES, RequestBody};
 use crate::engine::{BackendTarget, LoadBalancer, RequestFacts, Routing};
 use crate::error::Error;
-use crate::metrics::{Facts, HttpLabels, Metrics, RequestRecord};
+use crate::metrics::{Metrics, RequestKey};
 use crate::state::{Target, WaypointState};
 use crate::trace;
 use crate::upstream::{
@@ -36,6 +36,8 @@ pub struct Downstream {
     pub target: Target,
     /// The peer's identity (the source workload's).
     pub peer: SpiffeId,
+    /// `peer` as text (`spiffe://…`), made once per connection for telemetry.
+    pub peer_text: Arc<str>,
     /// The original client address (`forwarded`, else the HBONE peer).
     pub client: SocketAddr,
     /// HTTP/2 downstream.
@@ -57,9 +59,9 @@ struct Finish {
     metrics: Arc<Metrics>,
     start: Instant,
     source: Option<Arc<Workload>>,
-    principal: String,
+    principal: Arc<str>,
     destination: Option<Arc<Workload>>,
-    service: Option<(String, String, String)>,
+    service: Option<Arc<Service>>,
     protocol: &'static str,
     flags: &'static str,
     status: u16,
@@ -80,26 +82,24 @@ struct Finish {
 impl Finish {
     fn done(self, response_bytes: u64, grpc_status: Option<String>) {
         let grpc_status = grpc_status.or(self.grpc_status);
-        let facts = Facts {
-            source: self.source.as_deref(),
-            source_principal: Some(self.principal.clone()),
-            destination: self.destination.as_deref(),
-            destination_service: self.service.clone(),
-        };
         let duration = self.start.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        self.metrics.record(&RequestRecord {
-            labels: HttpLabels::new(
-                &facts,
-                self.protocol,
-                self.flags,
-                self.status,
-                grpc_status.as_deref(),
-            ),
-            duration_ms: duration.as_secs_f64() * 1000.0,
+        let key = RequestKey {
+            source: self.source,
+            source_principal: self.principal.clone(),
+            destination: self.destination,
+            service: self.service,
+            protocol: self.protocol,
+            flags: self.flags,
+            status: self.status,
+            grpc_status,
+        };
+        self.metrics.record_request(
+            &key,
+            duration.as_secs_f64() * 1000.0,
             request_bytes,
             response_bytes,
-        });
+        );
         info!(
             target: "access",
             method = %self.method,
@@ -322,18 +322,14 @@ impl Proxy {
             .workload_by_ip("", downstream.client.ip())
             .cloned();
         let service = match &downstream.target {
-            Target::Service { service, .. } => Some((
-                service.hostname.clone(),
-                service.namespace.clone(),
-                service.name.clone(),
-            )),
+            Target::Service { service, .. } => Some(service.clone()),
             Target::Workload { .. } => None,
         };
         let mut finish = Finish {
             metrics: self.metrics.clone(),
             start,
             source,
-            principal: downstream.peer.to_string(),
+            principal: downstream.peer_text.clone(),
             destination: None,
             service,
             protocol,
@@ -481,7 +477,7 @@ impl Proxy {
         if let Destination::Service(target) = &destination {
             finish.service =
                 crate::upstream::lookup_service(&self.state.read().workloads, &target.hostname)
-                    .map(|s| (s.hostname.clone(), s.namespace.clone(), s.name.clone()));
+                    .cloned();
         }
         let plan = Plan {
             destination,
