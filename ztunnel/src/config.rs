@@ -86,6 +86,10 @@ pub struct Config {
     /// Requested workload certificate validity.
     #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
     pub secret_ttl: Duration,
+    /// Runtime worker threads (data-plane concurrency); at least 1 (Istio ztunnel's
+    /// `ZTUNNEL_WORKER_THREADS`).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -118,6 +122,7 @@ mod tests {
             "ztunnel~10.240.0.11~ztunnel.istio-system~istio-system.svc.cluster.local"
         );
         assert_eq!(config.secret_ttl, Duration::from_secs(86400));
+        assert_eq!(config.worker_threads, 2);
         assert_eq!(
             config.zds_socket,
             PathBuf::from("/var/run/ztunnel/ztunnel.sock")
