@@ -8,6 +8,9 @@
 //!
 //! * `bulk [MiB]` (default 1024): one stream, the app writes MiB then half-closes; the sink
 //!   answers with the byte count. Prints Gbit/s and process CPU-seconds per GB.
+//! * `rate [rps] [connections] [secs]` (default 1000, 16, 10): 1 KiB request → echo at a fixed
+//!   rate (open loop); p50/p99 round trip and process CPU cores. `rate-direct` does the same
+//!   straight to the echo sink (no mesh), to subtract the app's own cost.
 //! * `rr [connections] [requests]` (default 16, 20000): 1 KiB request → 1 KiB echo, closed loop,
 //!   `requests` in total spread over `connections` concurrent connections. Prints process
 //!   CPU-microseconds per request and the mean round trip.
@@ -56,7 +59,7 @@ async fn run(args: &[String]) -> Result<()> {
     let num = |i: usize, default: u64| -> u64 {
         args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
     };
-    let echo = mode == "rr";
+    let echo = mode.starts_with("r");
     let path = Path::start(echo).await?;
     match mode {
         "bulk" => {
@@ -95,7 +98,36 @@ async fn run(args: &[String]) -> Result<()> {
                 cpu * 1e6 / total,
             );
         }
-        other => anyhow::bail!("unknown mode {other} (bulk | rr)"),
+        "rate" | "rate-direct" => {
+            // Fixed rate (open loop): `rps` 1 KiB exchanges per second over `connections`
+            // for `secs`; through the mesh path, or straight to the echo sink (`rate-direct`)
+            // to subtract the app's own cost.
+            let rps = num(1, 1000).max(1);
+            let connections = num(2, 16).max(1);
+            let secs = num(3, 10).max(1);
+            let target = if mode == "rate" {
+                path.outbound
+            } else {
+                path.sink
+            };
+            path.rr_to(target, connections, 20).await?;
+            let cpu = cpu_seconds();
+            let mut samples = rate(target, rps, connections, secs).await?;
+            let cpu = cpu_seconds() - cpu;
+            samples.sort_unstable();
+            let pct =
+                |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];
+            println!(
+                "{mode}: {} exchanges at {rps}/s over {connections} connections; p50 {:.1} us \
+                 p99 {:.1} us; CPU {cpu:.3} s = {:.4} cores = {:.1} CPU-us/exchange",
+                samples.len(),
+                pct(0.5).as_secs_f64() * 1e6,
+                pct(0.99).as_secs_f64() * 1e6,
+                cpu / secs as f64,
+                cpu * 1e6 / samples.len() as f64,
+            );
+        }
+        other => anyhow::bail!("unknown mode {other} (bulk | rr | rate | rate-direct)"),
     }
     Ok(())
 }
@@ -117,8 +149,41 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Open-loop exchanges: each connection sends one request every `connections / rps` seconds
+/// (staggered) and times request → echo.
+async fn rate(target: SocketAddr, rps: u64, connections: u64, secs: u64) -> Result<Vec<Duration>> {
+    let interval = Duration::from_secs_f64(connections as f64 / rps as f64);
+    let per = secs * rps / connections;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let mut app = connect(target).await?;
+        let first = start + interval.mul_f64(i as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let request = [0x5au8; REQUEST];
+            let mut response = [0u8; REQUEST];
+            let mut ticks = tokio::time::interval_at(first, interval);
+            let mut samples = Vec::with_capacity(per as usize);
+            for _ in 0..per {
+                ticks.tick().await;
+                let sent = Instant::now();
+                app.write_all(&request).await?;
+                app.read_exact(&mut response).await?;
+                samples.push(sent.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
 struct Path {
     outbound: SocketAddr,
+    sink: SocketAddr,
     _drain: drain::Trigger,
 }
 
@@ -189,6 +254,7 @@ impl Path {
         });
         Ok(Path {
             outbound,
+            sink,
             _drain: trigger,
         })
     }
@@ -210,9 +276,13 @@ impl Path {
     }
 
     async fn rr(&self, connections: u64, per_connection: u64) -> Result<()> {
+        self.rr_to(self.outbound, connections, per_connection).await
+    }
+
+    async fn rr_to(&self, target: SocketAddr, connections: u64, per_connection: u64) -> Result<()> {
         let mut tasks = Vec::new();
         for _ in 0..connections {
-            let mut app = connect(self.outbound).await?;
+            let mut app = connect(target).await?;
             tasks.push(tokio::spawn(async move {
                 let request = [0x5au8; REQUEST];
                 let mut response = [0u8; REQUEST];

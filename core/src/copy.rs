@@ -27,8 +27,8 @@ pub const SMALL_BUFFER_BYTES: usize = 16 * 1024;
 /// Buffer once a burst has filled the small one, in bytes (bulk transfers).
 pub const LARGE_BUFFER_BYTES: usize = 256 * 1024;
 
-/// Profiling switch (`WEFT_L4_AB`, bit flags, read once): 1 = no large socket reads under TLS,
-/// 2 = rustls's default 64 KiB send buffer limit, 4 = no owned reads, 8 = no owned writes. Unset
+/// Profiling switch (`WEFT_L4_AB`, bit flags, read once): 2 = rustls's default 64 KiB send
+/// buffer limit, 4 = no owned reads, 8 = no owned writes. Unset
 /// or 0: every optimisation on. For before/after measurements in one binary.
 #[doc(hidden)]
 pub fn ab_disabled(flag: u32) -> bool {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, debug_span};
 
-use super::io::{ReadBuffered, TLS_BUFFER_LIMIT_BYTES};
+use super::io::TLS_BUFFER_LIMIT_BYTES;
 use super::settings::{CLIENT_MAX_HEADER_LIST_BYTES, Settings, keepalive};
 use super::stream::Stream;
 use crate::certs::WorkloadCertificate;
@@ -412,7 +412,7 @@ impl Pool {
             // No SNI is sent; rustls still needs a name, which the verifier ignores.
             let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
             let mut tls = TlsConnector::from(tls_config)
-                .connect(name, ReadBuffered::new(tcp))
+                .connect(name, tcp)
                 .await
                 .map_err(|source| Error::Tls { dst, source })?;
             if !crate::copy::ab_disabled(2) {

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::io::{ReadBuffered, TLS_BUFFER_LIMIT_BYTES};
+use super::io::TLS_BUFFER_LIMIT_BYTES;
 use super::settings::{
     SERVER_MAX_CONCURRENT_STREAMS, SERVER_MAX_HEADER_LIST_BYTES, SERVER_MAX_SEND_BUFFER_BYTES,
     Settings, keepalive,
@@ -265,7 +265,7 @@ impl<H: Handler> Server<H> {
         let config = tls::server_config(&certificate).map_err(Error::Config)?;
         let handshake = async {
             let mut tls = TlsAcceptor::from(config)
-                .accept(ReadBuffered::new(tcp))
+                .accept(tcp)
                 .await
                 .map_err(|source| Error::Tls {
                     peer: peer_addr,
