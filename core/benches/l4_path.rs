@@ -18,6 +18,8 @@
 //! `WORKERS` (default 2) sets the tokio worker threads. Run with `cargo bench -p weft-core --bench
 //! l4_path -- bulk 1024`, or the built binary under `valgrind --tool=callgrind`.
 
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
