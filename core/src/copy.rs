@@ -199,15 +199,22 @@ impl Drop for OwnedBuffer {
     }
 }
 
+/// A direction's state in the owned modes.
+#[derive(Debug, Default)]
+struct Owned {
+    /// Owned-write mode: room for the next read (the rest of the last allocation).
+    spare: Option<OwnedBuffer>,
+    /// Read and not yet written.
+    chunk: Bytes,
+}
+
 /// One direction's state.
 #[derive(Debug)]
 struct Direction {
     /// Borrowed mode: `buf[pos..cap]` is read and not yet written.
     buf: Option<Buffer>,
-    /// Owned-write mode: room for the next read (the rest of the last allocation).
-    spare: Option<OwnedBuffer>,
-    /// Owned modes: read and not yet written.
-    chunk: Bytes,
+    /// Owned modes (boxed, and only during a burst, to keep idle connections small).
+    owned: Option<Box<Owned>>,
     size: usize,
     pos: usize,
     cap: usize,
@@ -221,8 +228,7 @@ impl Direction {
     fn new() -> Self {
         Direction {
             buf: None,
-            spare: None,
-            chunk: Bytes::new(),
+            owned: None,
             size: SMALL_BUFFER_BYTES,
             pos: 0,
             cap: 0,
@@ -251,7 +257,7 @@ impl Direction {
         let owned_read = reader.reads_owned() && !ab_disabled(4);
         let owned_write = writer.writes_owned() && !ab_disabled(8);
         loop {
-            if self.pos == self.cap && self.chunk.is_empty() && !self.read_done {
+            if self.pos == self.cap && !self.has_chunk() && !self.read_done {
                 let more = if owned_read {
                     self.poll_read_owned(cx, reader)
                 } else if owned_write {
@@ -260,17 +266,22 @@ impl Direction {
                     self.poll_read_borrowed(cx, reader)
                 };
                 match more {
-                    Poll::Pending => return self.idle(cx, Pin::new(&mut *writer)),
+                    Poll::Pending => {
+                        // Nothing read is pending (reads happen only then): hold nothing.
+                        self.owned = None;
+                        return self.idle(cx, Pin::new(&mut *writer));
+                    }
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Ready(Ok(())) => {}
                 }
             }
-            while !self.chunk.is_empty() {
+            while let Some(owned) = self.owned.as_mut().filter(|o| !o.chunk.is_empty()) {
+                let chunk = &mut owned.chunk;
                 let written = if owned_write {
-                    ready!(writer.poll_write_owned(cx, &mut self.chunk))?
+                    ready!(writer.poll_write_owned(cx, chunk))?
                 } else {
-                    let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.chunk))?;
-                    self.chunk.advance(n.min(self.chunk.len()));
+                    let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))?;
+                    chunk.advance(n.min(chunk.len()));
                     n
                 };
                 if written == 0 {
@@ -296,7 +307,7 @@ impl Direction {
                 // Written out after growing: take the large buffer for the next read.
                 self.buf = None;
             }
-            if self.read_done && self.pos == self.cap && self.chunk.is_empty() {
+            if self.read_done && self.pos == self.cap && !self.has_chunk() {
                 if self.need_flush {
                     ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                     self.need_flush = false;
@@ -306,6 +317,11 @@ impl Direction {
                 return Poll::Ready(Ok(self.amount));
             }
         }
+    }
+
+    /// Whether read data waits in `owned.chunk`.
+    fn has_chunk(&self) -> bool {
+        self.owned.as_ref().is_some_and(|o| !o.chunk.is_empty())
     }
 
     /// Reads into the copy's own buffer (`buf[pos..cap]`), or sets `read_done`. `Pending`
@@ -358,37 +374,37 @@ impl Direction {
     where
         R: AsyncRead + ReadReady + Unpin + ?Sized,
     {
-        if self.spare.is_none() {
+        let size = self.size;
+        let owned = self.owned.get_or_insert_with(Box::default);
+        if owned.spare.is_none() {
             ready!(reader.poll_read_ready(cx))?;
         }
-        let size = self.size;
-        let spare = self.spare.get_or_insert_with(|| OwnedBuffer::new(size));
+        let spare = owned.spare.get_or_insert_with(|| OwnedBuffer::new(size));
         let room = spare.0.capacity() - spare.0.len();
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut spare.0) {
+        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut spare.0) {
             Poll::Pending => {
-                self.spare = None;
-                Poll::Pending
+                owned.spare = None;
+                return Poll::Pending;
             }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Ready(Ok(n)) => {
-                if n == 0 {
-                    self.read_done = true;
-                    self.spare = None;
-                    return Poll::Ready(Ok(()));
-                }
-                self.chunk = spare.0.split().freeze();
-                if n == room && self.size < LARGE_BUFFER_BYTES {
-                    // A full read: more is coming; the next read gets a large buffer.
-                    self.size = LARGE_BUFFER_BYTES;
-                    self.spare = None;
-                } else if spare.0.capacity() < self.size / 4 {
-                    // Too little room left for a good read: the next one gets a fresh buffer
-                    // (this allocation is freed once the writer is done with `chunk`).
-                    self.spare = None;
-                }
-                Poll::Ready(Ok(()))
-            }
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+            Poll::Ready(Ok(n)) => n,
+        };
+        if n == 0 {
+            self.read_done = true;
+            owned.spare = None;
+            return Poll::Ready(Ok(()));
         }
+        owned.chunk = spare.0.split().freeze();
+        if n == room && size < LARGE_BUFFER_BYTES {
+            // A full read: more is coming; the next read gets a large buffer.
+            self.size = LARGE_BUFFER_BYTES;
+            owned.spare = None;
+        } else if spare.0.capacity() < size / 4 {
+            // Too little room left for a good read: the next one gets a fresh buffer
+            // (this allocation is freed once the writer is done with `chunk`).
+            owned.spare = None;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Takes the reader's next chunk into `chunk`, or sets `read_done`.
@@ -400,7 +416,7 @@ impl Direction {
         if data.is_empty() {
             self.read_done = true;
         } else {
-            self.chunk = data;
+            self.owned.get_or_insert_with(Box::default).chunk = data;
         }
         Poll::Ready(Ok(()))
     }
