@@ -14,6 +14,7 @@
 //! connection window, 1 MiB frames, PING every 10 s with a 20 s timeout.
 
 pub mod headers;
+mod io;
 mod pool;
 mod server;
 mod settings;

@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
     weft_core::logging::init();
     let config = Config::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.worker_threads.max(1))
         .thread_name("ztunnel")
         .enable_all()
         .build()?;

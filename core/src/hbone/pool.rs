@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug, debug_span};
 
+use super::io::TLS_BUFFER_LIMIT_BYTES;
 use super::settings::{CLIENT_MAX_HEADER_LIST_BYTES, Settings, keepalive};
 use super::stream::Stream;
 use crate::certs::WorkloadCertificate;
@@ -410,10 +411,15 @@ impl Pool {
         let handshakes = async {
             // No SNI is sent; rustls still needs a name, which the verifier ignores.
             let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
-            let tls = TlsConnector::from(tls_config)
+            let mut tls = TlsConnector::from(tls_config)
                 .connect(name, tcp)
                 .await
                 .map_err(|source| Error::Tls { dst, source })?;
+            if !crate::copy::ab_disabled(2) {
+                tls.get_mut()
+                    .1
+                    .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
+            }
             h2::client::Builder::new()
                 .initial_window_size(config.settings.stream_window_bytes)
                 .initial_connection_window_size(config.settings.connection_window_bytes)

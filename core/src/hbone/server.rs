@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
+use super::io::TLS_BUFFER_LIMIT_BYTES;
 use super::settings::{
     SERVER_MAX_CONCURRENT_STREAMS, SERVER_MAX_HEADER_LIST_BYTES, SERVER_MAX_SEND_BUFFER_BYTES,
     Settings, keepalive,
@@ -263,13 +264,18 @@ impl<H: Handler> Server<H> {
         let certificate = self.certificate.current().ok_or(Error::NoCertificate)?;
         let config = tls::server_config(&certificate).map_err(Error::Config)?;
         let handshake = async {
-            let tls = TlsAcceptor::from(config)
+            let mut tls = TlsAcceptor::from(config)
                 .accept(tcp)
                 .await
                 .map_err(|source| Error::Tls {
                     peer: peer_addr,
                     source,
                 })?;
+            if !crate::copy::ab_disabled(2) {
+                tls.get_mut()
+                    .1
+                    .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
+            }
             let peer_identity =
                 tls::peer_identity(tls.get_ref().1).ok_or(Error::NoIdentity { peer: peer_addr })?;
             let conn = h2::server::Builder::new()

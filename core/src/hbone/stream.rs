@@ -99,10 +99,79 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Waits for send capacity for up to `want` bytes; returns what was granted (> 0).
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(granted)) => return Poll::Ready(Ok(granted)),
+                Some(Err(err)) => return Poll::Ready(Err(h2_to_io(err))),
+                None => {
+                    // The stream can no longer send: report why if the peer reset it.
+                    return match self.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            format!("stream reset by peer: {reason:?}"),
+                        ))),
+                        _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                    };
+                }
+            }
+        }
+    }
+}
+
 impl ReadReady for Stream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_fill(cx));
         Poll::Ready(Ok(()))
+    }
+
+    fn reads_owned(&self) -> bool {
+        true
+    }
+
+    /// The next DATA chunk as h2 received it (no copy); its flow-control capacity is released
+    /// now, so the peer may send about one more chunk while this one is being written out.
+    fn poll_read_owned(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
+        ready!(self.poll_fill(cx));
+        if self.pending.is_empty() {
+            return Poll::Ready(match self.ended.as_mut() {
+                Some(Err(_)) => self
+                    .ended
+                    .replace(Ok(()))
+                    .unwrap_or(Ok(()))
+                    .map(|()| Bytes::new()),
+                _ => Ok(Bytes::new()),
+            });
+        }
+        let data = std::mem::take(&mut self.pending);
+        let _ = self.recv.flow_control().release_capacity(data.len());
+        Poll::Ready(Ok(data))
+    }
+
+    fn writes_owned(&self) -> bool {
+        true
+    }
+
+    /// Sends a prefix of `data` as a DATA frame without copying it.
+    fn poll_write_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let want = data.len().min(MAX_WRITE_BYTES);
+        let granted = ready!(self.poll_send_capacity(cx, want))?;
+        let n = granted.min(want);
+        self.send
+            .send_data(data.split_to(n), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -138,30 +207,12 @@ impl AsyncWrite for Stream {
             return Poll::Ready(Ok(0));
         }
         let want = buf.len().min(MAX_WRITE_BYTES);
-        self.send.reserve_capacity(want);
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(granted)) => {
-                    let n = granted.min(want);
-                    self.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(h2_to_io)?;
-                    return Poll::Ready(Ok(n));
-                }
-                Some(Err(err)) => return Poll::Ready(Err(h2_to_io(err))),
-                None => {
-                    // The stream can no longer send: report why if the peer reset it.
-                    return match self.send.poll_reset(cx) {
-                        Poll::Ready(Ok(reason)) => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            format!("stream reset by peer: {reason:?}"),
-                        ))),
-                        _ => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-                    };
-                }
-            }
-        }
+        let granted = ready!(self.poll_send_capacity(cx, want))?;
+        let n = granted.min(want);
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
