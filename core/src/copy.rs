@@ -27,20 +27,6 @@ pub const SMALL_BUFFER_BYTES: usize = 16 * 1024;
 /// Buffer once a burst has filled the small one, in bytes (bulk transfers).
 pub const LARGE_BUFFER_BYTES: usize = 256 * 1024;
 
-/// Profiling switch (`WEFT_L4_AB`, bit flags, read once): 2 = rustls's default 64 KiB send
-/// buffer limit, 4 = no owned reads, 8 = no owned writes. Unset
-/// or 0: every optimisation on. For before/after measurements in one binary.
-#[doc(hidden)]
-pub fn ab_disabled(flag: u32) -> bool {
-    static FLAGS: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| {
-        std::env::var("WEFT_L4_AB")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    });
-    *FLAGS & flag != 0
-}
-
 /// Copy buffers allocated right now, process-wide.
 static BUFFERS_IN_USE: AtomicUsize = AtomicUsize::new(0);
 
@@ -254,8 +240,8 @@ impl Direction {
         if self.done {
             return Poll::Ready(Ok(self.amount));
         }
-        let owned_read = reader.reads_owned() && !ab_disabled(4);
-        let owned_write = writer.writes_owned() && !ab_disabled(8);
+        let owned_read = reader.reads_owned();
+        let owned_write = writer.writes_owned();
         loop {
             if self.pos == self.cap && !self.has_chunk() && !self.read_done {
                 let more = if owned_read {

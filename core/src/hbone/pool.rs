@@ -415,11 +415,9 @@ impl Pool {
                 .connect(name, tcp)
                 .await
                 .map_err(|source| Error::Tls { dst, source })?;
-            if !crate::copy::ab_disabled(2) {
-                tls.get_mut()
-                    .1
-                    .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
-            }
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
             h2::client::Builder::new()
                 .initial_window_size(config.settings.stream_window_bytes)
                 .initial_connection_window_size(config.settings.connection_window_bytes)

@@ -271,11 +271,9 @@ impl<H: Handler> Server<H> {
                     peer: peer_addr,
                     source,
                 })?;
-            if !crate::copy::ab_disabled(2) {
-                tls.get_mut()
-                    .1
-                    .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
-            }
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(TLS_BUFFER_LIMIT_BYTES));
             let peer_identity =
                 tls::peer_identity(tls.get_ref().1).ok_or(Error::NoIdentity { peer: peer_addr })?;
             let conn = h2::server::Builder::new()
