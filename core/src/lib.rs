@@ -11,6 +11,7 @@
 //! Does not own: protobuf types (`weft-proto`), sockets inside pod network namespaces
 //! (ztunnel), or anything Kubernetes.
 
+pub mod admin;
 pub mod ca;
 pub mod ca_client;
 pub mod cert_manager;

@@ -1,20 +1,17 @@
 //! Wiring: identity (CA client + certificate manager), delta xDS → state, the HBONE server, the
 //! upstream pool, admin / stats / readiness endpoints, and the drain on shutdown.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use hyper::StatusCode;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{Instrument, info, info_span, warn};
 use weft_core::hbone::{Pool, PoolConfig, Server, Settings, TcpConnector};
-use weft_core::{SpiffeId, ca_client, cert_manager, drain, logging, xds};
+use weft_core::{SpiffeId, ca_client, cert_manager, drain, xds};
 
 use crate::config::Config;
 use crate::inbound::Inbound;
@@ -58,55 +55,7 @@ pub enum Error {
     Serve(#[source] std::io::Error),
 }
 
-/// An HTTP endpoint: `(method, path, query)` → status, content type, body.
-pub type Endpoint =
-    Arc<dyn Fn(&hyper::Method, &str, &str) -> (StatusCode, &'static str, String) + Send + Sync>;
-
-/// The value of `key` in a URL query.
-fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
-
-/// Serves `endpoint` on `listener` (HTTP/1.1) until the drain starts.
-pub async fn serve_http(listener: TcpListener, endpoint: Endpoint, mut drain: drain::Watch) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(_) => continue,
-            },
-            () = drain.signaled() => return,
-        };
-        let endpoint = endpoint.clone();
-        tokio::spawn(
-            async move {
-                let service =
-                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let (status, content_type, body) = endpoint(
-                            request.method(),
-                            request.uri().path(),
-                            request.uri().query().unwrap_or(""),
-                        );
-                        let response = Response::builder()
-                            .status(status)
-                            .header("content-type", content_type)
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap_or_default();
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            }
-            .instrument(info_span!("admin_connection")),
-        );
-    }
-}
+pub use weft_core::admin::{Endpoint, serve_http};
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
@@ -387,7 +336,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 "text/plain",
                 "POST /quitquitquit to drain and exit\n".into(),
             ),
-            "/logging" => logging_endpoint(method, query),
+            "/logging" => weft_core::admin::logging_endpoint(method, query, "waypoint"),
             "/config_dump" => (
                 StatusCode::OK,
                 "application/json",
@@ -437,32 +386,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-/// GET `/logging` shows the level; POST `/logging?level=<directives>` changes it.
-fn logging_endpoint(method: &hyper::Method, query: &str) -> (StatusCode, &'static str, String) {
-    let Some(current) = logging::current() else {
-        return (
-            StatusCode::NOT_IMPLEMENTED,
-            "text/plain",
-            "logging is not adjustable in this process\n".into(),
-        );
-    };
-    match (method, query_value(query, "level")) {
-        (&hyper::Method::POST, Some(level)) => match logging::set(level) {
-            Ok(()) => {
-                info!(level, "log level changed through /logging");
-                (StatusCode::OK, "text/plain", format!("level: {level}\n"))
-            }
-            Err(message) => (StatusCode::BAD_REQUEST, "text/plain", format!("{message}\n")),
-        },
-        (&hyper::Method::POST, None) => (
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "POST /logging?level=<RUST_LOG directives>, e.g. level=debug or level=waypoint=debug,info\n".into(),
-        ),
-        _ => (StatusCode::OK, "text/plain", format!("level: {current}\n")),
-    }
-}
-
 /// Waits up to `deadline` for `f` to hold, polling every 10 ms (tests and readiness probes).
 pub async fn wait_until(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = tokio::time::Instant::now() + deadline;
@@ -489,6 +412,5 @@ mod tests {
                 "xds: first Address and L7 responses not yet applied"
             ]
         );
-        assert_eq!(query_value("level=debug", "level"), Some("debug"));
     }
 }

@@ -2,21 +2,18 @@
 //! readiness endpoints; drain on shutdown.
 
 use std::collections::{BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use hyper::StatusCode;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
-use weft_core::{ca_client, cert_manager, drain, logging, xds};
+use weft_core::{ca_client, cert_manager, drain, xds};
 
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
@@ -225,53 +222,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// An HTTP endpoint: `(method, path, query)` → status, content type, body. The query is empty
-/// when absent.
-type Handler =
-    Arc<dyn Fn(&hyper::Method, &str, &str) -> (StatusCode, &'static str, String) + Send + Sync>;
-
-/// The value of `key` in a URL query (`a=1&b=2`), percent-decoding not needed for our keys.
-fn query_value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
-
-/// Serves `GET <path>` with `handler` until the drain starts.
-async fn serve_http(listener: TcpListener, handler: Handler, mut drain: drain::Watch) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(_) => continue,
-            },
-            () = drain.signaled() => return,
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (status, content_type, body) = handler(
-                        request.method(),
-                        request.uri().path(),
-                        request.uri().query().unwrap_or(""),
-                    );
-                    let response = Response::builder()
-                        .status(status)
-                        .header("content-type", content_type)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap_or_default();
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
-}
+use weft_core::admin::{Endpoint as Handler, serve_http};
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
@@ -396,30 +347,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 "text/plain",
                 "POST /quitquitquit to drain and exit\n".into(),
             ),
-            "/logging" => {
-                let Some(current) = logging::current() else {
-                    return (
-                        StatusCode::NOT_IMPLEMENTED,
-                        "text/plain",
-                        "logging is not adjustable in this process\n".into(),
-                    );
-                };
-                match (method, query_value(query, "level")) {
-                    (&hyper::Method::POST, Some(level)) => match logging::set(level) {
-                        Ok(()) => {
-                            info!(level, "log level changed through /logging");
-                            (StatusCode::OK, "text/plain", format!("level: {level}\n"))
-                        }
-                        Err(message) => (StatusCode::BAD_REQUEST, "text/plain", format!("{message}\n")),
-                    },
-                    (&hyper::Method::POST, None) => (
-                        StatusCode::BAD_REQUEST,
-                        "text/plain",
-                        "POST /logging?level=<RUST_LOG directives>, e.g. level=debug or level=ztunnel=debug,info\n".into(),
-                    ),
-                    _ => (StatusCode::OK, "text/plain", format!("level: {current}\n")),
-                }
-            }
+            "/logging" => weft_core::admin::logging_endpoint(method, query, "ztunnel"),
             "/config_dump" => {
                 let inner = state.read();
                 let workloads: Vec<serde_json::Value> = inner
@@ -582,16 +510,5 @@ mod tests {
                 "pod b/q: proxy starting",
             ]
         );
-    }
-
-    #[test]
-    fn query_values() {
-        assert_eq!(query_value("level=debug", "level"), Some("debug"));
-        assert_eq!(
-            query_value("a=1&level=ztunnel=debug,info", "level"),
-            Some("ztunnel=debug,info")
-        );
-        assert_eq!(query_value("levels=x", "level"), None);
-        assert_eq!(query_value("", "level"), None);
     }
 }
