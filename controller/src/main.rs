@@ -5,7 +5,7 @@ use weft_controller::config::Config;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_core::logging::init();
+    let _logs = weft_core::logging::init();
     let config = Config::parse();
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};

@@ -313,7 +313,9 @@ impl Stream {
         });
         let proxy = self.proxy.clone();
         let service = hyper::service::service_fn(move |request| {
-            proxy.clone().handle(downstream.clone(), request)
+            // Boxed: the request future is ~9 KB, and hyper moves it into each per-stream
+            // task (h2) and through several poll states; a pointer is cheaper to move.
+            Box::pin(proxy.clone().handle(downstream.clone(), request))
         });
         let io = TokioIo::new(io);
         let mut drain = self.drain;

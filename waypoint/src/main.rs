@@ -7,7 +7,7 @@ use clap::Parser;
 use waypoint::config::Config;
 
 fn main() -> anyhow::Result<()> {
-    weft_core::logging::init();
+    let _logs = weft_core::logging::init();
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == "bench-serve")

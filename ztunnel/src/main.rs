@@ -4,7 +4,7 @@ use clap::Parser;
 use ztunnel::config::Config;
 
 fn main() -> anyhow::Result<()> {
-    weft_core::logging::init();
+    let _logs = weft_core::logging::init();
     let config = Config::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads.max(1))

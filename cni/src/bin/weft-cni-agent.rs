@@ -126,7 +126,7 @@ fn installer(args: &Args) -> anyhow::Result<Option<install::Config>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_core::logging::init();
+    let _logs = weft_core::logging::init();
     let args = Args::parse();
     info!(config = ?args, "starting");
     let installer = installer(&args)?;
