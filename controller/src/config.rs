@@ -4,6 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use weft_core::duration;
+
 /// Where Kubernetes objects come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -11,28 +13,6 @@ pub enum Source {
     Files(PathBuf),
     /// The Kubernetes API (in-cluster config or `KUBECONFIG`).
     Kubernetes,
-}
-
-/// Parses durations like `100ms`, `5s`, `2m`, `24h`.
-///
-/// # Errors
-/// A message naming the bad value.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 100ms, 5s, 2m or 24h"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    })
 }
 
 /// Parses a `KEY=VALUE` environment entry (the key must be non-empty).
@@ -93,13 +73,13 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONTROLLER_NETWORK", default_value = "")]
     pub network: String,
     /// Quiet period after a change before translating and pushing (e.g. `100ms`).
-    #[arg(long, env = "WEFT_CONTROLLER_DEBOUNCE", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "WEFT_CONTROLLER_DEBOUNCE", default_value = "100ms", value_parser = duration::parse)]
     pub debounce: Duration,
     /// Interval between scans of the files source (e.g. `200ms`).
-    #[arg(long, env = "WEFT_CONTROLLER_FILES_POLL", default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, env = "WEFT_CONTROLLER_FILES_POLL", default_value = "200ms", value_parser = duration::parse)]
     pub files_poll: Duration,
     /// How long open streams may run after shutdown starts before they are closed (e.g. `5s`).
-    #[arg(long, env = "WEFT_CONTROLLER_DRAIN_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WEFT_CONTROLLER_DRAIN_DEADLINE", default_value = "5s", value_parser = duration::parse)]
     pub drain_deadline: Duration,
     /// Callers allowed to impersonate pods on their node (`namespace/service-account`).
     #[arg(
@@ -133,7 +113,7 @@ pub struct Config {
     )]
     pub serving_ips: Vec<IpAddr>,
     /// Longest workload certificate validity (e.g. `24h`).
-    #[arg(long, env = "WEFT_CONTROLLER_MAX_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "WEFT_CONTROLLER_MAX_CERT_TTL", default_value = "24h", value_parser = duration::parse)]
     pub max_cert_ttl: Duration,
     /// Command of the waypoint container in provisioned waypoint Deployments.
     #[arg(
@@ -193,10 +173,6 @@ mod tests {
 
     #[test]
     fn durations_and_defaults() {
-        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert!(parse_duration("soon").unwrap_err().contains("soon"));
-        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
         let config = Config::try_parse_from(["weft-controller", "--files", "/tmp/x"]).unwrap();
         assert_eq!(config.source(), Source::Files("/tmp/x".into()));
         assert_eq!(config.node_accounts, ["istio-system/ztunnel"]);

@@ -11,18 +11,23 @@
 //! Does not own: protobuf types (`weft-proto`), sockets inside pod network namespaces
 //! (ztunnel), or anything Kubernetes.
 
+pub mod address;
 pub mod admin;
 pub mod ca;
 pub mod ca_client;
 pub mod cert_manager;
 pub mod certs;
+pub mod control_plane;
 pub mod copy;
 pub mod csr;
 pub mod drain;
+pub mod duration;
 pub mod hbone;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
+pub mod process;
 pub mod state;
 pub mod tls;
 pub mod xds;

@@ -2,20 +2,19 @@
 //! upstream pool, admin / stats / readiness endpoints, and the drain on shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 use weft_core::hbone::{Pool, PoolConfig, Server, Settings, TcpConnector};
-use weft_core::{SpiffeId, ca_client, cert_manager, drain, xds};
+use weft_core::process::{self, Port};
+use weft_core::{SpiffeId, cert_manager, control_plane, drain, xds};
 
 use crate::config::Config;
 use crate::inbound::Inbound;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::state::{Binding, WaypointState};
 use crate::upstream::Forwarder;
@@ -23,45 +22,21 @@ use crate::upstream::Forwarder;
 /// Errors starting the waypoint.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read.
-    #[error("reading {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// The waypoint's identity is not a valid SPIFFE ID.
     #[error("waypoint identity")]
     Identity(#[source] weft_core::identity::Error),
-    /// The xDS client configuration is invalid.
-    #[error("xds client")]
-    Xds(#[from] xds::ConfigError),
-    /// The CA client configuration is invalid.
-    #[error("ca client")]
-    Ca(#[from] ca_client::Error),
+    /// The connection to the controller (xDS, CA) could not be started.
+    #[error(transparent)]
+    ControlPlane(#[from] control_plane::Error),
     /// A listener could not be bound.
-    #[error("binding {addr}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] process::BindError),
     /// The HBONE server failed.
     #[error("hbone server")]
     Serve(#[source] std::io::Error),
 }
 
 pub use weft_core::admin::{Endpoint, serve_http};
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })
-}
 
 /// What readiness still waits for, one line each (empty = ready).
 pub fn pending_lines(certificate: bool, xds: bool) -> Vec<String> {
@@ -211,10 +186,6 @@ pub fn config_dump(
 /// [`Error`] when a component cannot start.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     info!(config = ?config, "starting");
-    let root_pem = std::fs::read_to_string(&config.root_cert).map_err(|source| Error::Read {
-        path: config.root_cert.display().to_string(),
-        source,
-    })?;
     let identity = SpiffeId::new(
         &config.trust_domain,
         &config.pod_namespace,
@@ -224,16 +195,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (trigger, watch) = drain::channel();
 
     let state = WaypointState::new();
-    let mut xds_config = xds::Config::new(config.xds_address.clone());
-    xds_config.tls = Some(xds::Tls {
-        root_pem: root_pem.clone(),
-        server_name: Some(config.server_name.clone()),
-    });
-    xds_config.token = Some(Arc::new(xds::FileToken {
-        path: config.token.clone(),
-    }));
-    xds_config.cluster_id = config.cluster_id.clone();
-    xds_config.node = xds::NodeInfo {
+    let node = xds::NodeInfo {
         id: config.node_id(),
         metadata: [
             ("NAME".to_owned(), config.pod_name.clone()),
@@ -247,23 +209,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ]
         .into(),
     };
-    let client = xds::Client::new(xds_config, state.handlers())?;
-    let xds_handle = client.handle();
-    client.spawn(watch.clone());
-
-    let ca = ca_client::Client::new(ca_client::Config {
-        address: config
-            .ca_address
-            .clone()
-            .unwrap_or_else(|| config.xds_address.clone()),
-        root_pem,
-        server_name: config.server_name.clone(),
-        token: ca_client::token_file(config.token.clone()),
-        cluster_id: config.cluster_id.clone(),
-        ttl: config.secret_ttl,
+    let proxy = control_plane::Proxy {
+        node,
+        token: config.token.clone(),
+        secret_ttl: config.secret_ttl,
         impersonate: false,
-    })?;
-    let certificates = cert_manager::Manager::new(Arc::new(ca), cert_manager::Config::default());
+    };
+    let connection = config
+        .control_plane
+        .connect(proxy, state.handlers(), watch.clone())?;
+    let (xds_handle, certificates) = (connection.xds, connection.certificates);
     certificates.prefetch(&identity);
 
     let metrics = Arc::new(Metrics::default());
@@ -285,36 +240,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let proxy =
         Arc::new(Proxy::new(state.clone(), forwarder.clone(), metrics).with_drain(watch.clone()));
 
-    let readiness: Endpoint = {
+    let readiness = {
         let xds = xds_handle.clone();
         let certificates = certificates.clone();
         let identity = identity.clone();
-        Arc::new(move |_, path, _| match path {
-            "/healthz/ready" => {
-                let pending =
-                    pending_lines(certificates.current(&identity).is_some(), xds.is_ready());
-                if pending.is_empty() {
-                    (StatusCode::OK, "text/plain", "ready\n".into())
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        format!("not ready; pending:\n{}\n", pending.join("\n")),
-                    )
-                }
-            }
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-        })
-    };
-    let stats: Endpoint = {
-        let registry = registry.clone();
-        Arc::new(move |_, path, _| match path {
-            "/metrics" | "/stats/prometheus" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                metrics::encode(&registry),
-            ),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        process::readiness(move || {
+            pending_lines(certificates.current(&identity).is_some(), xds.is_ready())
         })
     };
     let quit = Arc::new(tokio::sync::Notify::new());
@@ -326,16 +257,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let forwarder = forwarder.clone();
         let quit = quit.clone();
         Arc::new(move |method, path, query| match path {
-            "/quitquitquit" if method == hyper::Method::POST => {
-                info!("shutdown requested through /quitquitquit");
-                quit.notify_one();
-                (StatusCode::OK, "text/plain", "draining\n".into())
-            }
-            "/quitquitquit" => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "POST /quitquitquit to drain and exit\n".into(),
-            ),
+            "/quitquitquit" => process::quit(method, &quit),
             "/logging" => weft_core::admin::logging_endpoint(method, query, "waypoint"),
             "/config_dump" => (
                 StatusCode::OK,
@@ -349,21 +271,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 ))
                 .unwrap_or_default(),
             ),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+            _ => process::not_found(),
         })
     };
-    tokio::spawn(
-        serve_http(bind(config.readiness).await?, readiness, watch.clone())
-            .instrument(info_span!("readiness")),
-    );
-    tokio::spawn(
-        serve_http(bind(config.stats).await?, stats, watch.clone()).instrument(info_span!("stats")),
-    );
-    tokio::spawn(
-        serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
-    );
+    let readiness = Port {
+        addr: config.readiness,
+        endpoint: readiness,
+    };
+    let stats = Port {
+        addr: config.stats,
+        endpoint: weft_core::metrics::endpoint(registry),
+    };
+    let admin = Port {
+        addr: config.admin,
+        endpoint: admin,
+    };
+    process::serve_ports(readiness, stats, admin, &watch).await?;
 
-    let listener = bind(config.hbone).await?;
+    let listener = process::bind(config.hbone).await?;
     info!(addr = %config.hbone, identity = %identity, waypoint = %binding.hostname, "serving hbone");
     let inbound = Inbound::new(proxy, binding, watch.clone());
     let server = Arc::new(Server::new(
@@ -379,10 +304,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = &mut shutdown => Ok(()),
         () = quit.notified() => Ok(()),
     };
-    info!("draining");
-    if trigger.drain(config.drain_duration).await == drain::Outcome::Forced {
-        warn!("drain deadline passed; closing the rest");
-    }
+    process::drain(trigger, config.drain_duration).await;
     result
 }
 

@@ -5,48 +5,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms or 5s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    }
-}
+use weft_core::{control_plane, duration};
 
 /// Everything the waypoint is configured with.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "waypoint", version, about = "Weft's waypoint (L7 proxy)")]
 pub struct Config {
-    /// Delta ADS address of the controller (`https://host:15012`).
-    #[arg(long, env = "XDS_ADDRESS", default_value = "https://localhost:15012")]
-    pub xds_address: String,
-    /// CA address (default: the xDS address).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
-    /// PEM roots verifying the controller.
-    #[arg(
-        long,
-        env = "XDS_ROOT_CA",
-        default_value = "./var/run/secrets/istio/root-cert.pem"
-    )]
-    pub root_cert: PathBuf,
-    /// Name verified in the controller's serving certificate.
-    #[arg(
-        long,
-        env = "ALT_XDS_HOSTNAME",
-        default_value = "weft-controller.istio-system.svc"
-    )]
-    pub server_name: String,
+    /// The controller: xDS and CA addresses, roots, server name, cluster id.
+    #[command(flatten)]
+    pub control_plane: control_plane::Args,
     /// Bearer token file, re-read for every request.
     #[arg(
         long,
@@ -54,9 +21,6 @@ pub struct Config {
         default_value = "/var/run/secrets/tokens/istio-token"
     )]
     pub token: PathBuf,
-    /// `clusterid` sent to the controller and the CA.
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub cluster_id: String,
     /// This pod's name.
     #[arg(long, env = "POD_NAME", default_value = "waypoint")]
     pub pod_name: String,
@@ -92,7 +56,7 @@ pub struct Config {
     #[arg(long, env = "WEFT_WAYPOINT_READINESS", default_value = "0.0.0.0:15021")]
     pub readiness: SocketAddr,
     /// Requested certificate validity.
-    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = duration::parse)]
     pub secret_ttl: Duration,
     /// Runtime worker threads (proxy concurrency); at least 1. Default 1: on the 2-core bench
     /// machine one thread used 0.16 cores at 1,000 req/s against 0.20 for two (fewer
@@ -101,7 +65,7 @@ pub struct Config {
     #[arg(long, env = "WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// How long in-flight requests may run after SIGTERM before connections are closed.
-    #[arg(long, env = "TERMINATION_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "TERMINATION_DRAIN_DURATION", default_value = "5s", value_parser = duration::parse)]
     pub drain_duration: Duration,
 }
 
@@ -186,7 +150,7 @@ mod tests {
         assert_eq!(named.waypoint_name(), "gw");
         assert_eq!(config.instance_ips(), vec![IpAddr::from([10, 0, 0, 9])]);
         assert!(named.instance_ips().is_empty());
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("5x").is_err());
+        assert_eq!(config.drain_duration, Duration::from_secs(5));
+        assert_eq!(config.control_plane.xds_address, "https://localhost:15012");
     }
 }

@@ -5,6 +5,7 @@
 
 use clap::Parser;
 use waypoint::config::Config;
+use weft_core::process::{self, shutdown_signal};
 
 fn main() -> anyhow::Result<()> {
     let _logs = weft_core::logging::init();
@@ -13,37 +14,12 @@ fn main() -> anyhow::Result<()> {
         .is_some_and(|a| a == "bench-serve")
     {
         let config = waypoint::standalone::Config::parse_from(std::env::args_os().skip(1));
-        let runtime = runtime(config.worker_threads)?;
-        runtime.block_on(waypoint::standalone::run(config, shutdown()))?;
+        let runtime = process::runtime(config.worker_threads, "waypoint")?;
+        runtime.block_on(waypoint::standalone::run(config, shutdown_signal()))?;
         return Ok(());
     }
     let config = Config::parse();
-    let runtime = runtime(config.worker_threads)?;
-    runtime.block_on(waypoint::app::run(config, shutdown()))?;
+    let runtime = process::runtime(config.worker_threads, "waypoint")?;
+    runtime.block_on(waypoint::app::run(config, shutdown_signal()))?;
     Ok(())
-}
-
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads.max(1))
-        .thread_name("waypoint")
-        .enable_all()
-        .build()
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
 }

@@ -2,7 +2,8 @@
 //! reference §6.2): `istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes` (histograms) for HTTP, and
 //! `istio_tcp_connections_opened_total` / `_closed_total` / `istio_tcp_sent_bytes_total` /
-//! `istio_tcp_received_bytes_total` for opaque TCP. Missing values are `unknown`.
+//! `istio_tcp_received_bytes_total` for opaque TCP. Missing values are `unknown`. The standard
+//! label set, the TCP counter names and the encoding are [`weft_core::metrics`]'s.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -13,107 +14,38 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use weft_core::metrics::{Labels, Tcp, or_unknown};
 use weft_core::state::{Service, Workload};
 
-const UNKNOWN: &str = "unknown";
+pub use weft_core::metrics::{Facts, encode};
 
-fn or_unknown(value: &str) -> String {
-    if value.is_empty() {
-        UNKNOWN.to_owned()
-    } else {
-        value.to_owned()
-    }
-}
-
-/// The facts labels are built from.
-#[derive(Debug, Clone, Default)]
-pub struct Facts<'a> {
-    /// Source workload, when known (by client IP).
-    pub source: Option<&'a Workload>,
-    /// Source principal (`spiffe://…`) from the peer certificate.
-    pub source_principal: Option<String>,
-    /// Destination workload (the chosen endpoint), when known.
-    pub destination: Option<&'a Workload>,
-    /// Destination service: (hostname, namespace, name).
-    pub destination_service: Option<(String, String, String)>,
-}
-
-/// The standard Istio labels shared by HTTP and TCP metrics.
+/// The standard Istio labels ([`Labels`]) shared by HTTP and TCP metrics, as the waypoint
+/// reports them.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-#[allow(missing_docs)]
 pub struct TcpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
+    #[prometheus(flatten)]
+    labels: Labels,
 }
 
 impl TcpLabels {
-    /// Labels for `facts`, protocol `protocol` (`tcp`, `http`, `grpc`), flags `flags`.
+    /// Labels for `facts`, protocol `protocol` (`tcp`, `http`, `grpc`), flags `flags` (empty
+    /// means `-`): reporter `waypoint`, always `mutual_tls` (HBONE in). With no source
+    /// workload, the source namespace is the one the source principal names.
     pub fn new(facts: &Facts<'_>, protocol: &str, flags: &str) -> Self {
-        let s = facts.source;
-        let d = facts.destination;
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            or_unknown(w.map(f).unwrap_or_default())
-        };
-        let (svc_host, svc_ns, svc_name) = facts.destination_service.clone().unwrap_or_default();
-        TcpLabels {
-            reporter: "waypoint".to_owned(),
-            source_workload: field(s, |w| &w.workload_name),
-            source_canonical_service: field(s, |w| &w.canonical_name),
-            source_canonical_revision: field(s, |w| &w.canonical_revision),
-            source_workload_namespace: match s {
-                Some(w) => or_unknown(&w.namespace),
-                // Unknown source IP: the namespace its certificate names.
-                None => or_unknown(
-                    facts
-                        .source_principal
-                        .as_deref()
-                        .and_then(|p| p.split("/ns/").nth(1))
-                        .and_then(|rest| rest.split('/').next())
-                        .unwrap_or_default(),
-                ),
-            },
-            source_principal: or_unknown(facts.source_principal.as_deref().unwrap_or_default()),
-            source_app: field(s, |w| &w.canonical_name),
-            source_version: field(s, |w| &w.canonical_revision),
-            source_cluster: field(s, |w| &w.cluster_id),
-            destination_service: or_unknown(&svc_host),
-            destination_service_namespace: or_unknown(&svc_ns),
-            destination_service_name: or_unknown(&svc_name),
-            destination_workload: field(d, |w| &w.workload_name),
-            destination_canonical_service: field(d, |w| &w.canonical_name),
-            destination_canonical_revision: field(d, |w| &w.canonical_revision),
-            destination_workload_namespace: field(d, |w| &w.namespace),
-            destination_principal: or_unknown(
-                &d.map(|w| w.identity().to_string()).unwrap_or_default(),
-            ),
-            destination_app: field(d, |w| &w.canonical_name),
-            destination_version: field(d, |w| &w.canonical_revision),
-            destination_cluster: field(d, |w| &w.cluster_id),
-            request_protocol: protocol.to_owned(),
-            response_flags: if flags.is_empty() { "-" } else { flags }.to_owned(),
-            connection_security_policy: "mutual_tls".to_owned(),
+        let flags = if flags.is_empty() { "-" } else { flags };
+        let mut labels = Labels::new("waypoint", facts, protocol, flags, "mutual_tls");
+        if facts.source.is_none() {
+            // Unknown source IP: the namespace its certificate names.
+            labels.source_workload_namespace = or_unknown(
+                facts
+                    .source_principal
+                    .as_deref()
+                    .and_then(|p| p.split("/ns/").nth(1))
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or_default(),
+            );
         }
+        TcpLabels { labels }
     }
 }
 
@@ -329,26 +261,13 @@ impl Metrics {
             "Response body sizes",
             self.response_bytes.clone(),
         );
-        istio.register(
-            "tcp_connections_opened",
-            "TCP connections opened",
-            self.tcp_opened.clone(),
-        );
-        istio.register(
-            "tcp_connections_closed",
-            "TCP connections closed",
-            self.tcp_closed.clone(),
-        );
-        istio.register(
-            "tcp_received_bytes",
-            "Bytes received from clients",
-            self.tcp_received.clone(),
-        );
-        istio.register(
-            "tcp_sent_bytes",
-            "Bytes sent to clients",
-            self.tcp_sent.clone(),
-        );
+        Tcp {
+            opened: self.tcp_opened.clone(),
+            closed: self.tcp_closed.clone(),
+            received_bytes: self.tcp_received.clone(),
+            sent_bytes: self.tcp_sent.clone(),
+        }
+        .register(registry);
     }
 
     /// Records one finished request whose labels are `key`'s ([`RequestKey::labels`]): the
@@ -403,13 +322,6 @@ impl Metrics {
             .get_or_create(&record.labels)
             .observe(record.response_bytes as f64);
     }
-}
-
-/// Prometheus text encoding of `registry`.
-pub fn encode(registry: &Registry) -> String {
-    let mut text = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
-    text
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prost::Message;
-use weft_core::state::{self, GatewayAddress, GatewayDestination, Resource, Service, Workload};
+use weft_core::address;
+use weft_core::state::{self, GatewayAddress, GatewayDestination, Service, Workload};
 use weft_core::xds::{Handler, Rejection, Update};
-use weft_proto::istio::workload::Address;
-use weft_proto::type_url::{ADDRESS_TYPE_URL, L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL};
+use weft_proto::type_url::{L7_POLICY_TYPE_URL, L7_SERVICE_TYPE_URL};
 use weft_proto::weft::l7::v1 as pb;
 
 use crate::engine::{PolicySet, ServiceRoutes};
@@ -222,57 +222,22 @@ impl WaypointState {
     /// The xDS handlers feeding this state: Address, ServiceConfig, Policy (in that order).
     pub fn handlers(self: &Arc<Self>) -> Vec<Arc<dyn Handler>> {
         vec![
-            Arc::new(AddressHandler(self.clone())),
+            Arc::new(AddressHandler::new(self.clone())),
             Arc::new(ServiceConfigHandler(self.clone())),
             Arc::new(PolicyHandler(self.clone())),
         ]
     }
 }
 
-/// Applies `istio.workload.Address` resources; a bad one is rejected on its own.
-#[derive(Debug)]
-pub struct AddressHandler(Arc<WaypointState>);
-
-impl Handler for AddressHandler {
-    fn type_url(&self) -> &'static str {
-        ADDRESS_TYPE_URL
-    }
-
-    fn apply(&self, updates: Vec<Update>) -> Vec<Rejection> {
-        let mut rejections = Vec::new();
-        let mut converted = Vec::with_capacity(updates.len());
-        for update in updates {
-            match update {
-                Update::Upsert { name, body, .. } => {
-                    let resource = Address::decode(body.value.as_slice())
-                        .map_err(|e| Rejection::new(&name, format!("decoding Address: {e}")))
-                        .and_then(|a| Resource::try_from(a).map_err(|e| Rejection::new(&name, e)));
-                    match resource {
-                        Ok(resource) if resource.name() != name => rejections.push(Rejection::new(
-                            &name,
-                            format!("resource is named {:?} inside", resource.name()),
-                        )),
-                        Ok(resource) => converted.push(Ok(resource)),
-                        Err(rejection) => rejections.push(rejection),
-                    }
-                }
-                Update::Remove { name } => converted.push(Err(name)),
-            }
-        }
-        let mut inner = self.0.write();
-        for item in converted {
-            match item {
-                Ok(resource) => {
-                    inner.workloads.upsert(resource);
-                }
-                Err(name) => {
-                    inner.workloads.remove(&name);
-                }
-            }
-        }
-        rejections
+impl address::Sink for WaypointState {
+    fn write_store(&self, apply: impl FnOnce(&mut state::Store)) {
+        apply(&mut self.write().workloads);
     }
 }
+
+/// Applies `istio.workload.Address` resources (the shared [`address::Handler`]); a bad one is
+/// rejected on its own.
+pub type AddressHandler = address::Handler<WaypointState>;
 
 /// Applies `weft.l7.v1.ServiceConfig` resources: each is compiled by the engine; one that does
 /// not compile is rejected and its previous version stays.
@@ -421,10 +386,13 @@ pub fn for_tcp(policy: &pb::Policy) -> pb::Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
+    use weft_proto::istio::workload::Address;
     use weft_proto::istio::workload::{
         self as wpb, GatewayAddress as PbGateway, NamespacedHostname, NetworkAddress, address,
         gateway_address,
     };
+    use weft_proto::type_url::ADDRESS_TYPE_URL;
 
     fn any(name: &str, value: Vec<u8>) -> Update {
         Update::Upsert {

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,12 +10,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use hyper::StatusCode;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tracing::{Instrument, debug, info, info_span, warn};
-use weft_core::{ca_client, cert_manager, drain, xds};
+use tracing::{Instrument, debug, info, info_span};
+use weft_core::admin::Endpoint;
+use weft_core::process::{self, Port};
+use weft_core::{control_plane, drain, xds};
 
 use crate::config::Config;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::netns::InpodNetns;
 use crate::pod::{PodProxy, Shared};
 use crate::state::ProxyState;
@@ -28,30 +28,12 @@ pub enum Error {
     /// ztunnel cannot enter network namespaces (needs CAP_SYS_ADMIN).
     #[error("entering network namespaces")]
     Netns(#[source] std::io::Error),
-    /// A file could not be read.
-    #[error("reading {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The xDS client configuration is invalid.
-    #[error("xds client")]
-    Xds(#[from] xds::ConfigError),
-    /// The CA client configuration is invalid.
-    #[error("ca client")]
-    Ca(#[from] ca_client::Error),
+    /// The connection to the controller (xDS, CA) could not be started.
+    #[error(transparent)]
+    ControlPlane(#[from] control_plane::Error),
     /// A listener could not be bound.
-    #[error("binding {addr}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] process::BindError),
     /// The node agent broke the ZDS protocol.
     #[error(transparent)]
     Zds(#[from] zds::Error),
@@ -222,14 +204,6 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-use weft_core::admin::{Endpoint as Handler, serve_http};
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })
-}
-
 /// Runs ztunnel until `shutdown` resolves.
 ///
 /// # Errors
@@ -237,23 +211,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     info!(config = ?config, "starting");
     crate::netns::init().map_err(Error::Netns)?;
-    let root_pem = std::fs::read_to_string(&config.root_cert).map_err(|source| Error::Read {
-        path: config.root_cert.display().to_string(),
-        source,
-    })?;
     let (trigger, watch) = drain::channel();
 
     let state = ProxyState::new();
-    let mut xds_config = xds::Config::new(config.xds_address.clone());
-    xds_config.tls = Some(xds::Tls {
-        root_pem: root_pem.clone(),
-        server_name: Some(config.server_name.clone()),
-    });
-    xds_config.token = Some(Arc::new(xds::FileToken {
-        path: config.token.clone(),
-    }));
-    xds_config.cluster_id = config.cluster_id.clone();
-    xds_config.node = xds::NodeInfo {
+    let node = xds::NodeInfo {
         id: config.node_id(),
         metadata: [
             ("NAME".to_owned(), config.pod_name.clone()),
@@ -263,23 +224,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ]
         .into(),
     };
-    let client = xds::Client::new(xds_config, state.handlers())?;
-    let xds_handle = client.handle();
-    client.spawn(watch.clone());
-
-    let ca = ca_client::Client::new(ca_client::Config {
-        address: config
-            .ca_address
-            .clone()
-            .unwrap_or_else(|| config.xds_address.clone()),
-        root_pem,
-        server_name: config.server_name.clone(),
-        token: ca_client::token_file(config.token.clone()),
-        cluster_id: config.cluster_id.clone(),
-        ttl: config.secret_ttl,
+    let proxy = control_plane::Proxy {
+        node,
+        token: config.token.clone(),
+        secret_ttl: config.secret_ttl,
         impersonate: true,
-    })?;
-    let certificates = cert_manager::Manager::new(Arc::new(ca), cert_manager::Config::default());
+    };
+    let connection = config
+        .control_plane
+        .connect(proxy, state.handlers(), watch.clone())?;
+    let (xds_handle, certificates) = (connection.xds, connection.certificates);
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -300,36 +254,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             )
         }
     };
-    let readiness: Handler = Arc::new(move |_, path, _| match path {
-        "/healthz/ready" => {
-            let pending = pending();
-            if pending.is_empty() {
-                (StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("not ready; pending:\n{}\n", pending.join("\n")),
-                )
-            }
-        }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    });
-    let stats: Handler = {
-        let registry = registry.clone();
-        Arc::new(move |_, path, _| match path {
-            "/metrics" | "/stats/prometheus" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                metrics::encode(&registry),
-            ),
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-        })
-    };
     let tracker = crate::conntrack::Tracker::new();
     let outbound_connections = crate::conntrack::OutboundTable::new();
     let quit = Arc::new(tokio::sync::Notify::new());
-    let admin: Handler = {
+    let admin: Endpoint = {
         let tracker = tracker.clone();
         let outbound_connections = outbound_connections.clone();
         let state = state.clone();
@@ -337,16 +265,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let pods = pods.clone();
         let quit = quit.clone();
         Arc::new(move |method, path, query| match path {
-            "/quitquitquit" if method == hyper::Method::POST => {
-                info!("shutdown requested through /quitquitquit");
-                quit.notify_one();
-                (StatusCode::OK, "text/plain", "draining\n".into())
-            }
-            "/quitquitquit" => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "POST /quitquitquit to drain and exit\n".into(),
-            ),
+            "/quitquitquit" => process::quit(method, &quit),
             "/logging" => weft_core::admin::logging_endpoint(method, query, "ztunnel"),
             "/config_dump" => {
                 let inner = state.read();
@@ -433,19 +352,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     serde_json::to_string_pretty(&dump).unwrap_or_default(),
                 )
             }
-            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+            _ => process::not_found(),
         })
     };
-    tokio::spawn(
-        serve_http(bind(config.readiness).await?, readiness, watch.clone())
-            .instrument(info_span!("readiness")),
-    );
-    tokio::spawn(
-        serve_http(bind(config.stats).await?, stats, watch.clone()).instrument(info_span!("stats")),
-    );
-    tokio::spawn(
-        serve_http(bind(config.admin).await?, admin, watch.clone()).instrument(info_span!("admin")),
-    );
+    let readiness = Port {
+        addr: config.readiness,
+        endpoint: process::readiness(pending),
+    };
+    let stats = Port {
+        addr: config.stats,
+        endpoint: weft_core::metrics::endpoint(registry),
+    };
+    let admin = Port {
+        addr: config.admin,
+        endpoint: admin,
+    };
+    process::serve_ports(readiness, stats, admin, &watch).await?;
 
     tokio::spawn(
         tracker
@@ -480,10 +402,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = &mut shutdown => Ok(()),
         () = quit.notified() => Ok(()),
     };
-    info!("draining");
-    if trigger.drain(Duration::from_secs(5)).await == drain::Outcome::Forced {
-        warn!("drain deadline passed; closing the rest");
-    }
+    process::drain(trigger, Duration::from_secs(5)).await;
     result
 }
 

@@ -4,48 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms or 5s"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    }
-}
+use weft_core::{control_plane, duration};
 
 /// Everything ztunnel is configured with.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "ztunnel", version, about = "Weft's node L4 proxy")]
 pub struct Config {
-    /// Delta ADS address of the controller (`https://host:15012`).
-    #[arg(long, env = "XDS_ADDRESS", default_value = "https://localhost:15012")]
-    pub xds_address: String,
-    /// CA address (default: the xDS address).
-    #[arg(long, env = "CA_ADDRESS")]
-    pub ca_address: Option<String>,
-    /// PEM roots verifying the controller (and the mesh root bundle's issuer).
-    #[arg(
-        long,
-        env = "XDS_ROOT_CA",
-        default_value = "./var/run/secrets/istio/root-cert.pem"
-    )]
-    pub root_cert: PathBuf,
-    /// Name verified in the controller's serving certificate.
-    #[arg(
-        long,
-        env = "ALT_XDS_HOSTNAME",
-        default_value = "weft-controller.istio-system.svc"
-    )]
-    pub server_name: String,
+    /// The controller: xDS and CA addresses, roots, server name, cluster id.
+    #[command(flatten)]
+    pub control_plane: control_plane::Args,
     /// Bearer token file, re-read for every request.
     #[arg(
         long,
@@ -53,9 +20,6 @@ pub struct Config {
         default_value = "./var/run/secrets/tokens/istio-token"
     )]
     pub token: PathBuf,
-    /// `clusterid` sent to the controller.
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub cluster_id: String,
     /// The node this ztunnel serves.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -81,10 +45,10 @@ pub struct Config {
     #[arg(long, env = "WEFT_ZTUNNEL_READINESS", default_value = "0.0.0.0:15021")]
     pub readiness: SocketAddr,
     /// How long a pod may wait for its workload and certificate before its add is refused.
-    #[arg(long, env = "WEFT_ZTUNNEL_POD_START_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "WEFT_ZTUNNEL_POD_START_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
     pub pod_start_timeout: Duration,
     /// Requested workload certificate validity.
-    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = duration::parse)]
     pub secret_ttl: Duration,
     /// Runtime worker threads (data-plane concurrency); at least 1 (Istio ztunnel's
     /// `ZTUNNEL_WORKER_THREADS`). Default 1: in the loopback L4 benchmark one thread moved a GB

@@ -1,13 +1,15 @@
 //! TCP telemetry in Istio's format (istio-ztunnel reference §8): `istio_tcp_connections_opened`,
 //! `istio_tcp_connections_closed`, `istio_tcp_received_bytes` and `istio_tcp_sent_bytes`
 //! counters (`_total` when encoded) with the standard label set; missing values are the literal
-//! `unknown`. Encoded as Prometheus text for `/metrics` and `/stats/prometheus`.
+//! `unknown`. Encoded as Prometheus text for `/metrics` and `/stats/prometheus`. The label set,
+//! the counters and the encoding are [`weft_core::metrics`]'s; this module says how ztunnel
+//! fills them (reporter `source` or `destination`, protocol `tcp`).
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
+use weft_core::metrics::{Facts, Labels, Tcp};
 use weft_core::state::Workload;
+
+pub use weft_core::metrics::{OpenConnection, encode};
 
 /// Which side reported the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,43 +20,11 @@ pub enum Reporter {
     Destination,
 }
 
-/// The standard traffic labels.
+/// The standard traffic labels ([`Labels`]) as ztunnel reports them.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-#[allow(missing_docs)]
 pub struct TrafficLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_service_namespace: String,
-    pub destination_service_name: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_cluster: String,
-    pub request_protocol: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
-}
-
-const UNKNOWN: &str = "unknown";
-
-fn or_unknown(value: &str) -> String {
-    if value.is_empty() {
-        UNKNOWN.to_owned()
-    } else {
-        value.to_owned()
-    }
+    #[prometheus(flatten)]
+    labels: Labels,
 }
 
 /// One connection's facts, from which labels are built.
@@ -75,121 +45,32 @@ pub struct ConnectionInfo<'a> {
 }
 
 impl TrafficLabels {
-    /// Labels for a connection as seen by `reporter`.
+    /// Labels for a connection as seen by `reporter`: protocol `tcp`, the connection's flags,
+    /// `mutual_tls` for HBONE and `unknown` otherwise.
     pub fn new(reporter: Reporter, info: &ConnectionInfo<'_>) -> Self {
-        let s = info.source;
-        let d = info.destination;
-        let field = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
-            or_unknown(w.map(f).unwrap_or_default())
+        let facts = Facts {
+            source: info.source,
+            source_principal: info.source_principal.clone(),
+            destination: info.destination,
+            destination_service: info.destination_service.clone(),
         };
-        let (svc_host, svc_ns, svc_name) = info.destination_service.clone().unwrap_or_default();
+        let reporter = match reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
+        let policy = if info.mutual_tls {
+            "mutual_tls"
+        } else {
+            "unknown"
+        };
         TrafficLabels {
-            reporter: match reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
-            }
-            .to_owned(),
-            source_workload: field(s, |w| &w.workload_name),
-            source_canonical_service: field(s, |w| &w.canonical_name),
-            source_canonical_revision: field(s, |w| &w.canonical_revision),
-            source_workload_namespace: field(s, |w| &w.namespace),
-            source_principal: or_unknown(info.source_principal.as_deref().unwrap_or_default()),
-            source_app: field(s, |w| &w.canonical_name),
-            source_version: field(s, |w| &w.canonical_revision),
-            source_cluster: field(s, |w| &w.cluster_id),
-            destination_service: or_unknown(&svc_host),
-            destination_service_namespace: or_unknown(&svc_ns),
-            destination_service_name: or_unknown(&svc_name),
-            destination_workload: field(d, |w| &w.workload_name),
-            destination_canonical_service: field(d, |w| &w.canonical_name),
-            destination_canonical_revision: field(d, |w| &w.canonical_revision),
-            destination_workload_namespace: field(d, |w| &w.namespace),
-            destination_principal: or_unknown(
-                &d.map(|w| w.identity().to_string()).unwrap_or_default(),
-            ),
-            destination_app: field(d, |w| &w.canonical_name),
-            destination_version: field(d, |w| &w.canonical_revision),
-            destination_cluster: field(d, |w| &w.cluster_id),
-            request_protocol: "tcp".to_owned(),
-            response_flags: info.response_flags.to_owned(),
-            connection_security_policy: if info.mutual_tls {
-                "mutual_tls"
-            } else {
-                "unknown"
-            }
-            .to_owned(),
+            labels: Labels::new(reporter, &facts, "tcp", info.response_flags, policy),
         }
     }
 }
 
 /// The TCP counters.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics {
-    /// `istio_tcp_connections_opened_total`.
-    pub opened: Family<TrafficLabels, Counter>,
-    /// `istio_tcp_connections_closed_total`.
-    pub closed: Family<TrafficLabels, Counter>,
-    /// `istio_tcp_received_bytes_total` (client → server bytes).
-    pub received_bytes: Family<TrafficLabels, Counter>,
-    /// `istio_tcp_sent_bytes_total` (server → client bytes).
-    pub sent_bytes: Family<TrafficLabels, Counter>,
-}
-
-impl Metrics {
-    /// Registers the counters under the `istio` prefix.
-    pub fn register(&self, registry: &mut Registry) {
-        let istio = registry.sub_registry_with_prefix("istio");
-        istio.register(
-            "tcp_connections_opened",
-            "Connections opened",
-            self.opened.clone(),
-        );
-        istio.register(
-            "tcp_connections_closed",
-            "Connections closed",
-            self.closed.clone(),
-        );
-        istio.register(
-            "tcp_received_bytes",
-            "Bytes received (client to server)",
-            self.received_bytes.clone(),
-        );
-        istio.register(
-            "tcp_sent_bytes",
-            "Bytes sent (server to client)",
-            self.sent_bytes.clone(),
-        );
-    }
-
-    /// Records a connection opening; the returned handle records its close. The handle keeps
-    /// only the three counters (shared with the metric families), not the labels, so a
-    /// long-lived connection costs a few pointers here.
-    pub fn open(&self, labels: &TrafficLabels) -> OpenConnection {
-        self.opened.get_or_create(labels).inc();
-        OpenConnection {
-            closed: self.closed.get_or_create(labels).clone(),
-            received: self.received_bytes.get_or_create(labels).clone(),
-            sent: self.sent_bytes.get_or_create(labels).clone(),
-        }
-    }
-}
-
-/// An open connection's close-time counters (from [`Metrics::open`]).
-#[derive(Debug)]
-pub struct OpenConnection {
-    closed: Counter,
-    received: Counter,
-    sent: Counter,
-}
-
-impl OpenConnection {
-    /// Records the close with the bytes copied each way.
-    pub fn close(self, client_to_server_bytes: u64, server_to_client_bytes: u64) {
-        self.closed.inc();
-        self.received.inc_by(client_to_server_bytes);
-        self.sent.inc_by(server_to_client_bytes);
-    }
-}
+pub type Metrics = Tcp<TrafficLabels>;
 
 /// A connection carrying its [`OpenConnection`] counters (an HBONE handler's upstream), so the
 /// close can be recorded without keeping the request or the labels.
@@ -244,15 +125,10 @@ impl<S: weft_core::copy::ReadReady> weft_core::copy::ReadReady for Counted<S> {
     }
 }
 
-/// Encodes a registry as Prometheus text.
-pub fn encode(registry: &Registry) -> String {
-    let mut text = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
-    text
-}
-
 #[cfg(test)]
 mod tests {
+    use prometheus_client::registry::Registry;
+
     use super::*;
 
     #[test]

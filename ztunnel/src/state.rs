@@ -9,12 +9,12 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use prost::Message;
 use tokio::sync::watch;
+use weft_core::address;
 use weft_core::policy::{self, Policy};
-use weft_core::state::{self, Resource};
+use weft_core::state;
 use weft_core::xds::{Handler, Rejection, Update};
 use weft_proto::istio::security::Authorization;
-use weft_proto::istio::workload::Address;
-use weft_proto::type_url::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use weft_proto::type_url::AUTHORIZATION_TYPE_URL;
 
 /// Everything ztunnel knows.
 #[derive(Debug, Default)]
@@ -68,57 +68,21 @@ impl ProxyState {
     /// The xDS handlers feeding this state.
     pub fn handlers(self: &Arc<Self>) -> Vec<Arc<dyn Handler>> {
         vec![
-            Arc::new(AddressHandler(self.clone())),
+            Arc::new(AddressHandler::new(self.clone())),
             Arc::new(AuthorizationHandler(self.clone())),
         ]
     }
 }
 
-/// Applies `istio.workload.Address` resources; a resource that does not decode or convert is
-/// rejected on its own (NACK) and the rest are applied.
-#[derive(Debug)]
-pub struct AddressHandler(Arc<ProxyState>);
-
-impl Handler for AddressHandler {
-    fn type_url(&self) -> &'static str {
-        ADDRESS_TYPE_URL
-    }
-
-    fn apply(&self, updates: Vec<Update>) -> Vec<Rejection> {
-        let mut rejections = Vec::new();
-        let mut converted = Vec::with_capacity(updates.len());
-        for update in updates {
-            match update {
-                Update::Upsert { name, body, .. } => {
-                    let resource = Address::decode(body.value.as_slice())
-                        .map_err(|e| Rejection::new(&name, format!("decoding Address: {e}")))
-                        .and_then(|a| Resource::try_from(a).map_err(|e| Rejection::new(&name, e)));
-                    match resource {
-                        Ok(resource) if resource.name() != name => rejections.push(Rejection::new(
-                            &name,
-                            format!("resource is named {:?} inside", resource.name()),
-                        )),
-                        Ok(resource) => converted.push(Ok(resource)),
-                        Err(rejection) => rejections.push(rejection),
-                    }
-                }
-                Update::Remove { name } => converted.push(Err(name)),
-            }
-        }
-        let mut inner = self.0.write();
-        for item in converted {
-            match item {
-                Ok(resource) => {
-                    inner.workloads.upsert(resource);
-                }
-                Err(name) => {
-                    inner.workloads.remove(&name);
-                }
-            }
-        }
-        rejections
+impl address::Sink for ProxyState {
+    fn write_store(&self, apply: impl FnOnce(&mut state::Store)) {
+        apply(&mut self.write().workloads);
     }
 }
+
+/// Applies `istio.workload.Address` resources (the shared [`address::Handler`]): a resource
+/// that does not decode or convert is rejected on its own (NACK) and the rest are applied.
+pub type AddressHandler = address::Handler<ProxyState>;
 
 /// Applies `istio.security.Authorization` resources and announces policy changes.
 #[derive(Debug)]
@@ -163,61 +127,6 @@ impl Handler for AuthorizationHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_proto::istio::workload::{Workload, address};
-
-    fn workload(uid: &str, ip: [u8; 4]) -> prost_types::Any {
-        let address = Address {
-            r#type: Some(address::Type::Workload(Workload {
-                uid: uid.into(),
-                name: "p".into(),
-                namespace: "a".into(),
-                addresses: vec![ip.to_vec()],
-                ..Default::default()
-            })),
-        };
-        prost_types::Any {
-            type_url: ADDRESS_TYPE_URL.into(),
-            value: address.encode_to_vec(),
-        }
-    }
-
-    #[test]
-    fn addresses_apply_and_bad_ones_are_rejected_alone() {
-        let state = ProxyState::new();
-        let handler = AddressHandler(state.clone());
-        let rejections = handler.apply(vec![
-            Update::Upsert {
-                name: "u1".into(),
-                version: "1".into(),
-                body: workload("u1", [10, 0, 0, 1]),
-            },
-            Update::Upsert {
-                name: "u2".into(),
-                version: "1".into(),
-                body: prost_types::Any {
-                    type_url: ADDRESS_TYPE_URL.into(),
-                    value: vec![0xff, 0xff],
-                },
-            },
-            Update::Upsert {
-                name: "u3".into(),
-                version: "1".into(),
-                body: workload("other", [10, 0, 0, 3]),
-            },
-        ]);
-        let names: Vec<&str> = rejections.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["u2", "u3"]);
-        assert!(state.read().workloads.workload("u1").is_some());
-        assert!(
-            state
-                .read()
-                .workloads
-                .workload_by_ip("", "10.0.0.1".parse().unwrap())
-                .is_some()
-        );
-        handler.apply(vec![Update::Remove { name: "u1".into() }]);
-        assert!(state.read().workloads.workload("u1").is_none());
-    }
 
     #[test]
     fn policy_changes_are_announced() {
