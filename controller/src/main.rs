@@ -7,21 +7,6 @@ use weft_controller::config::Config;
 async fn main() -> anyhow::Result<()> {
     let _logs = weft_core::logging::init();
     let config = Config::parse();
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => std::future::pending().await,
-        }
-    };
-    weft_controller::app::run(config, shutdown).await?;
+    weft_controller::app::run(config, weft_core::process::shutdown_signal()).await?;
     Ok(())
 }

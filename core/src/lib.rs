@@ -5,8 +5,12 @@
 //! parsing ([`certs`]) and rotation ([`cert_manager`]), rustls configs and SPIFFE verifiers
 //! ([`tls`]), HBONE — the HTTP/2 `CONNECT`-over-mTLS tunnel — as server and pooled client
 //! ([`hbone`]), the delta xDS client ([`xds`]), the workload/service state and outbound routing
-//! decisions it feeds ([`state`]), L4 authorization ([`policy`]), and the drain primitive every
-//! accept loop uses ([`drain`]).
+//! decisions it feeds ([`state`]) through one `istio.workload.Address` handler ([`address`]), L4
+//! authorization ([`policy`]), the drain primitive every accept loop uses ([`drain`]), and the
+//! process shell the proxies share: control-plane flags and connections ([`control_plane`]),
+//! duration flags ([`duration`]), Istio's standard metric labels and the stats endpoint
+//! ([`metrics`]), admin endpoints ([`admin`]), buffered reloadable logging ([`logging`]), and
+//! runtime, signals, ports and drain ([`process`]).
 //!
 //! Does not own: protobuf types (`weft-proto`), sockets inside pod network namespaces
 //! (ztunnel), or anything Kubernetes.
