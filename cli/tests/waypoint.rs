@@ -300,10 +300,18 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
         ) >= 20.0,
         "{metrics}"
     );
-    // The app sees the waypoint's traffic as HTTP with a request id and a trace context.
+    // The app sees the waypoint's traffic as HTTP with a request id and a trace context, from
+    // the client's own IP: the destination ztunnel trusts the waypoint's `forwarded`.
     let line = &requests(&cluster, "b", "client", &url, 1, &[])[0];
     let headers = &line["body"]["headers"];
     assert!(headers["x-request-id"].is_string(), "{line}");
+    let client_pod = cluster
+        .store()
+        .get(&ObjectKey::new("", "Pod", Some("b"), "client"))
+        .unwrap()
+        .expect("client pod");
+    let source: std::net::SocketAddr = line["body"]["source"].as_str().unwrap().parse().unwrap();
+    assert_eq!(source.ip().to_string(), ip_of(&client_pod), "{line}");
     assert!(
         headers["traceparent"]
             .as_str()

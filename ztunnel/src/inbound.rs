@@ -11,6 +11,13 @@
 //! | TCP connect to the app (source = the client's IP) | 503 |
 //!
 //! The 200 response carries the destination's `baggage`.
+//!
+//! Source IP toward the app: the HBONE peer's, except when the peer is a waypoint serving this
+//! workload (its own or one of its services', [`weft_core::state::Store::is_waypoint_of`]) and
+//! the CONNECT carries `forwarded: for=…` of the same address family: then the original
+//! client's, so the app sees who called it and not the waypoint (Istio ztunnel's behaviour).
+//! A `forwarded` header from anyone else is ignored. Authorization still judges the peer (the
+//! waypoint enforces the client's policy).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +28,7 @@ use futures::future::BoxFuture;
 use http::HeaderMap;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
-use weft_core::hbone::headers::{BAGGAGE, Baggage};
+use weft_core::hbone::headers::{BAGGAGE, Baggage, FORWARDED, Forwarded};
 use weft_core::hbone::{Authority, ConnectRequest, Decision, Handler, Refusal};
 use weft_core::policy::{self, Verdict};
 use weft_core::state::{SELF_PORTS, Workload, WorkloadType, target_port};
@@ -98,7 +105,7 @@ impl<C: AppConnector> Inbound<C> {
     fn check(
         &self,
         request: &ConnectRequest,
-    ) -> Result<(SocketAddr, HeaderMap, policy::Connection), Refusal> {
+    ) -> Result<(SocketAddr, HeaderMap, policy::Connection, IpAddr), Refusal> {
         let inner = self.state.read();
         let Some(local) = inner.workloads.workload(&self.workload_uid) else {
             debug!(uid = %self.workload_uid, "refused: local workload unknown");
@@ -159,8 +166,22 @@ impl<C: AppConnector> Inbound<C> {
         if let Some(baggage) = baggage(local).to_header_value() {
             headers.insert(BAGGAGE, baggage);
         }
-        Ok((dst, headers, conn))
+        let source = forwarded_client(request, dst)
+            .filter(|_| {
+                inner
+                    .workloads
+                    .is_waypoint_of(local, &request.peer_identity)
+            })
+            .unwrap_or(request.peer_addr.ip());
+        Ok((dst, headers, conn, source))
     }
+}
+
+/// The `for=` address of the CONNECT's `forwarded` header, if it has one in `dst`'s family.
+fn forwarded_client(request: &ConnectRequest, dst: SocketAddr) -> Option<IpAddr> {
+    let value = request.headers.get(FORWARDED)?.to_str().ok()?;
+    let ip = Forwarded::parse(value).for_addr?.ip();
+    (ip.is_ipv4() == dst.is_ipv4()).then_some(ip)
 }
 
 /// The `baggage` describing a workload (reference §1.5).
@@ -187,7 +208,7 @@ impl<C: AppConnector> Handler for Inbound<C> {
     type Upstream = Counted<Revocable<TcpStream>>;
 
     async fn decide(&self, request: &ConnectRequest) -> Decision<Self::Upstream> {
-        let (dst, headers, conn) = match self.check(request) {
+        let (dst, headers, conn, source) = match self.check(request) {
             Ok(ok) => ok,
             Err(refusal) => {
                 if refusal == Refusal::Unauthorized {
@@ -196,7 +217,6 @@ impl<C: AppConnector> Handler for Inbound<C> {
                 return Decision::Refuse(refusal);
             }
         };
-        let source = request.peer_addr.ip();
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connector.connect(dst, source)).await {
             Ok(Ok(upstream)) => {
                 let counters = self.metrics.open(&self.labels(request, "-"));

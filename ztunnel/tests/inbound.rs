@@ -28,14 +28,16 @@ use ztunnel::state::ProxyState;
 
 const T: Duration = Duration::from_secs(10);
 
-struct PlainConnector;
+/// Connects on loopback and records the source ztunnel asked for (a pod netns would bind it).
+struct PlainConnector(Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>);
 
 impl AppConnector for PlainConnector {
     fn connect(
         &self,
         dst: SocketAddr,
-        _source: std::net::IpAddr,
+        source: std::net::IpAddr,
     ) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        self.0.lock().unwrap().push(source);
         Box::pin(TcpStream::connect(dst))
     }
 }
@@ -98,6 +100,7 @@ fn exact(s: &str) -> StringMatch {
 
 struct Fixture {
     state: Arc<ProxyState>,
+    sources: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
     hbone: SocketAddr,
     app: SocketAddr,
     signer: Arc<Signer>,
@@ -127,12 +130,18 @@ async fn start() -> Fixture {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hbone = listener.local_addr().unwrap();
     let (trigger, watch) = drain::channel();
-    let inbound = Inbound::new(state.clone(), "srv".into(), PlainConnector);
+    let sources = Arc::default();
+    let inbound = Inbound::new(
+        state.clone(),
+        "srv".into(),
+        PlainConnector(Arc::clone(&sources)),
+    );
     tokio::spawn(
         Arc::new(Server::new(Settings::default(), cert, Arc::new(inbound))).serve(listener, watch),
     );
     Fixture {
         state,
+        sources,
         hbone,
         app,
         signer,
@@ -163,8 +172,17 @@ impl Fixture {
         client: &SpiffeId,
         authority: &str,
     ) -> Result<weft_core::hbone::Stream, Option<StatusCode>> {
+        self.connect_with(client, authority, HeaderMap::new()).await
+    }
+
+    async fn connect_with(
+        &self,
+        client: &SpiffeId,
+        authority: &str,
+        headers: HeaderMap,
+    ) -> Result<weft_core::hbone::Stream, Option<StatusCode>> {
         let (pool, key) = self.pool(client);
-        tokio::time::timeout(T, pool.connect(&key, authority, HeaderMap::new()))
+        tokio::time::timeout(T, pool.connect(&key, authority, headers))
             .await
             .expect("connect in time")
             .map_err(|e| e.status())
@@ -399,6 +417,85 @@ async fn hostname_authorities_resolve_to_this_pods_target_port() {
             fx.connect(&client, authority).await.unwrap_err(),
             Some(status),
             "{authority}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_client_address_is_trusted_only_from_this_workloads_waypoint() {
+    let fx = start().await;
+    // The waypoint pod (b/waypoint at 127.0.0.9) and the server behind it, by address.
+    let waypoint_pod = Address {
+        r#type: Some(address::Type::Workload(Workload {
+            uid: "wp".into(),
+            name: "waypoint".into(),
+            namespace: "b".into(),
+            service_account: "waypoint".into(),
+            addresses: vec![vec![127, 0, 0, 9]],
+            ..Default::default()
+        })),
+    };
+    let behind = Address {
+        r#type: Some(address::Type::Workload(Workload {
+            uid: "srv".into(),
+            name: "server".into(),
+            namespace: "b".into(),
+            service_account: "server".into(),
+            addresses: vec![vec![127, 0, 0, 1]],
+            waypoint: Some(weft_proto::istio::workload::GatewayAddress {
+                destination: Some(
+                    weft_proto::istio::workload::gateway_address::Destination::Address(
+                        NetworkAddress {
+                            network: String::new(),
+                            address: vec![127, 0, 0, 9],
+                            length: None,
+                        },
+                    ),
+                ),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        })),
+    };
+    assert!(
+        fx.state.handlers()[0]
+            .apply(vec![
+                upsert("wp", ADDRESS_TYPE_URL, waypoint_pod.encode_to_vec()),
+                upsert("srv", ADDRESS_TYPE_URL, behind.encode_to_vec()),
+            ])
+            .is_empty()
+    );
+    let forwarded = |value: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert("forwarded", value.parse().unwrap());
+        headers
+    };
+    let app = fx.app.to_string();
+    let waypoint = id("b", "waypoint");
+    let client = id("a", "client");
+    let cases = [
+        // (peer, forwarded, source the app connection must use)
+        (&waypoint, Some("for=\"10.1.2.3:5555\""), "10.1.2.3"),
+        (
+            &waypoint,
+            Some("For=10.1.2.4;host=echo.b.svc.cluster.local"),
+            "10.1.2.4",
+        ),
+        // Another family than the destination: unusable, the peer's address is kept.
+        (&waypoint, Some("for=\"[fd00::7]:1\""), "127.0.0.1"),
+        (&waypoint, None, "127.0.0.1"),
+        // Anyone but the waypoint: the header is ignored.
+        (&client, Some("for=\"10.1.2.3:5555\""), "127.0.0.1"),
+        (&id("b", "impostor"), Some("for=10.6.6.6"), "127.0.0.1"),
+    ];
+    for (peer, header, want) in cases {
+        fx.sources.lock().unwrap().clear();
+        let headers = header.map(forwarded).unwrap_or_default();
+        let _stream = fx.connect_with(peer, &app, headers).await.unwrap();
+        assert_eq!(
+            fx.sources.lock().unwrap().as_slice(),
+            &[want.parse::<std::net::IpAddr>().unwrap()],
+            "peer {peer}, forwarded {header:?}"
         );
     }
 }

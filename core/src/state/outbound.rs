@@ -279,6 +279,50 @@ impl Store {
         }
     }
 
+    /// Whether `peer` is the identity of a waypoint serving `local`: the workload's own
+    /// waypoint or a waypoint of one of its services, resolved to the waypoint's pods. Inbound
+    /// trusts the HBONE `forwarded` header (the original client address) only from these
+    /// peers, as Istio's ztunnel does.
+    pub fn is_waypoint_of(&self, local: &Workload, peer: &SpiffeId) -> bool {
+        let services = local
+            .services
+            .keys()
+            .filter_map(|key| self.service(key))
+            .filter_map(|s| s.waypoint.as_ref());
+        local.waypoint.iter().chain(services).any(|waypoint| {
+            self.waypoint_identities(local, waypoint)
+                .any(|id| id == peer)
+        })
+    }
+
+    /// The identities of the pods behind `waypoint` (and its service's SANs).
+    fn waypoint_identities<'a>(
+        &'a self,
+        local: &Workload,
+        waypoint: &'a GatewayAddress,
+    ) -> Box<dyn Iterator<Item = &'a SpiffeId> + 'a> {
+        let service = match &waypoint.destination {
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => self.service_by_name(namespace, hostname),
+            GatewayDestination::Address { network, ip } => {
+                if let Some(pod) = self.workload_by_ip(network, *ip) {
+                    return Box::new(std::iter::once(pod.identity()));
+                }
+                self.service_by_vip(network, *ip, &local.namespace)
+            }
+        };
+        match service {
+            Some(svc) => Box::new(
+                self.endpoints(svc.key())
+                    .map(|pod| pod.identity())
+                    .chain(svc.subject_alt_names.iter()),
+            ),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
     /// HBONE to a pod of `waypoint` with authority `dst` (reference §7.1 step 2).
     fn via_waypoint(
         &self,

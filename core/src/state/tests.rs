@@ -1222,3 +1222,34 @@ fn gateway_addresses_display_as_host_or_address_with_port() {
     };
     assert_eq!(addr.to_string(), "net1/10.0.0.7:15008");
 }
+
+#[test]
+fn only_a_waypoint_serving_the_workload_or_its_services_counts_as_its_waypoint() {
+    let mut store = fixture();
+    store.upsert_workload(wl(member(
+        pod("served", "app", "10.0.5.1"),
+        &key("app", "waypointed"),
+        &[(80, 8080)],
+    )));
+    store.upsert_workload(wl(member(
+        pod("stray", "app", "10.0.6.1"),
+        &key("app", "lost"),
+        &[],
+    )));
+    let waypoint = id("spiffe://cluster.local/ns/wp/sa/waypoint");
+    let waypoint_san = id("spiffe://cluster.local/ns/wp/sa/waypoint-extra");
+    let client = id("spiffe://cluster.local/ns/client/sa/client");
+    let w = |uid: &str| Arc::clone(store.workload(uid).unwrap());
+
+    // Through a service's waypoint (by hostname): its pods' identities and the service's SANs.
+    assert!(store.is_waypoint_of(&w("served"), &waypoint));
+    assert!(store.is_waypoint_of(&w("served"), &waypoint_san));
+    assert!(!store.is_waypoint_of(&w("served"), &client));
+    // The workload's own waypoint, by the waypoint pod's address.
+    assert!(store.is_waypoint_of(&w("behind"), &waypoint));
+    assert!(!store.is_waypoint_of(&w("behind"), &client));
+    // No waypoint at all: nobody, not even a waypoint identity.
+    assert!(!store.is_waypoint_of(&w("echo"), &waypoint));
+    // A waypoint that resolves to nothing vouches for nobody.
+    assert!(!store.is_waypoint_of(&w("stray"), &waypoint));
+}
