@@ -81,6 +81,10 @@ pub(crate) struct Args {
     /// Only run the waypoint (no Envoy; no ratio).
     #[arg(long = "engine-waypoint-only")]
     pub(crate) waypoint_only: bool,
+    /// Closed-loop rounds per proxy and protocol, alternating which proxy goes first; each
+    /// figure is the round with the median requests/s per core [quick: 1].
+    #[arg(long = "engine-rounds", default_value_t = 3)]
+    pub(crate) rounds: u32,
 }
 
 impl Args {
@@ -90,6 +94,16 @@ impl Args {
     fn rate_secs(&self) -> u64 {
         if self.quick { 2 } else { self.rate_secs.max(1) }
     }
+    fn rounds(&self) -> u32 {
+        if self.quick { 1 } else { self.rounds.max(1) }
+    }
+}
+
+/// The run with the median requests/s per core (the upper median of an even count).
+fn median_run(mut runs: Vec<MaxRun>) -> MaxRun {
+    runs.sort_by(|a, b| a.per_core().total_cmp(&b.per_core()));
+    let middle = runs.len() / 2;
+    runs.into_iter().nth(middle).unwrap_or_default()
 }
 
 /// Response body size of the upstream.
@@ -1027,31 +1041,37 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<EngineResult> {
         }
         None => None,
     };
-    // Alternate the proxies so drift on the shared machine hits both alike.
-    let mut runs: Vec<[Option<MaxRun>; 2]> = vec![[None, None], [None, None]];
-    for (p, http1) in [(0, true), (1, true), (0, false), (1, false)] {
-        let proxy = if p == 0 {
-            Some(&waypoint)
-        } else {
-            envoy.as_ref()
-        };
-        if let Some(proxy) = proxy {
-            runs[p][usize::from(!http1)] = Some(max_run(proxy, args, http1)?);
+    // Alternate the proxies, and which goes first, so drift on the shared machine hits both
+    // alike; keep every round and report the median one.
+    let mut runs: [[Vec<MaxRun>; 2]; 2] = Default::default();
+    for round in 0..args.rounds() {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for http1 in [true, false] {
+            for p in order {
+                let proxy = if p == 0 {
+                    Some(&waypoint)
+                } else {
+                    envoy.as_ref()
+                };
+                if let Some(proxy) = proxy {
+                    runs[p][usize::from(!http1)].push(max_run(proxy, args, http1)?);
+                }
+            }
         }
     }
     let waypoint_rate = rate_run(&waypoint, args)?;
     let envoy_rate = envoy.as_ref().map(|e| rate_run(e, args)).transpose()?;
-    let [[w1, w2], [e1, e2]] = [runs[0].clone(), runs[1].clone()];
+    let [[w1, w2], [e1, e2]] = runs.map(|per_protocol| per_protocol.map(median_run));
     let waypoint_result = ProxyResult {
-        h1: w1.unwrap_or_default(),
-        h2: w2.unwrap_or_default(),
+        h1: w1,
+        h2: w2,
         rate: waypoint_rate,
         rss_peak: hwm_bytes(waypoint.pid())?,
     };
     let envoy_result = match (&envoy, envoy_rate) {
         (Some(e), Some(rate)) => Some(ProxyResult {
-            h1: e1.unwrap_or_default(),
-            h2: e2.unwrap_or_default(),
+            h1: e1,
+            h2: e2,
             rate,
             rss_peak: hwm_bytes(e.pid())?,
         }),
@@ -1077,13 +1097,15 @@ pub(crate) fn print(result: &EngineResult) {
         "Loopback, 1 worker each, {} route entries + 1 L7 ALLOW policy (RBAC in Envoy), upstream \
          1 KiB (in-process hyper, CPU not counted), access log on in both. The waypoint runs its \
          production request pipeline in `bench-serve` mode: **plain TCP in and out instead of \
-         HBONE**. Closed loop: h2load, {} s, HTTP/1.1 {} connections, h2c {} × {} streams; \
-         requests/s per core = requests / proxy CPU-seconds. Envoy: {}.",
+         HBONE**. Closed loop: h2load, {} s, HTTP/1.1 {} connections, h2c {} × {} streams, {} \
+         alternating round(s), the median round reported; requests/s per core = requests / \
+         proxy CPU-seconds. Envoy: {}.",
         ROUTES.len(),
         a.secs(),
         a.h1_connections,
         a.h2_connections,
         a.h2_streams,
+        a.rounds(),
         if result.envoy_version.is_empty() {
             "not run"
         } else {
@@ -1176,7 +1198,7 @@ pub(crate) fn write_json(result: &EngineResult, dir: &Path) -> Result<PathBuf> {
         "timestamp": timestamp,
         "machine": crate::report::machine_json(),
         "parameters": {
-            "secs": a.secs(), "h1_connections": a.h1_connections,
+            "secs": a.secs(), "rounds": a.rounds(), "h1_connections": a.h1_connections,
             "h2_connections": a.h2_connections, "h2_streams": a.h2_streams,
             "rate": a.rate, "rate_connections": a.rate_connections, "rate_secs": a.rate_secs(),
             "routes": ROUTES.len(), "response_bytes": RESPONSE_BYTES, "load_path": LOAD_PATH,

@@ -298,7 +298,6 @@ fn run_on_cluster(name: &str, bed: &Testbed, args: &RunArgs) -> Result<Value> {
         "latency" => latency::run(bed, &args.latency),
         "waypoint" => waypoint::run(bed, &args.waypoint),
         "mesh" => mesh::run(bed, &args.mesh),
-        // `engine`/`scale`: add their arm here (or in `run_in_process`) with their SCENARIOS entry.
         other => anyhow::bail!("no runner for cluster scenario {other}"),
     }
 }

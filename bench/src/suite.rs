@@ -121,8 +121,6 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
             ("/idle/bytes_per_connection_max", Finite),
         ],
     },
-    // `engine` (waypoint vs Envoy) and `scale` (config scale) go here once their modules are
-    // on this branch; see the module docs.
 ];
 
 /// The scenario named `name`.

@@ -6,7 +6,6 @@
 
 pub mod cluster;
 pub mod demo;
-pub mod duration;
 pub mod echo;
 pub mod inspect;
 pub mod waypoint;

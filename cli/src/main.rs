@@ -138,7 +138,7 @@ enum WaypointCommand {
         #[arg(long)]
         wait: bool,
         /// How long --wait waits (e.g. 60s, 2m).
-        #[arg(long, default_value = "60s", value_parser = weft::duration::parse)]
+        #[arg(long, default_value = "60s", value_parser = weft_core::duration::parse)]
         timeout: std::time::Duration,
     },
     /// List waypoints: namespace, name, traffic type, Programmed, address.

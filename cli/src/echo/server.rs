@@ -565,7 +565,7 @@ impl Controls {
         }
         if let Some(delay) = value(DELAY_PARAM) {
             controls.delay =
-                Some(crate::duration::parse(&delay).map_err(|e| format!("delay: {e}"))?);
+                Some(weft_core::duration::parse(&delay).map_err(|e| format!("delay: {e}"))?);
         }
         if let Some(n) = value(FAIL_EVERY_PARAM) {
             controls.fail_every = Some(
