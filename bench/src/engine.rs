@@ -628,32 +628,8 @@ impl Proxy {
         i32::try_from(self.child.id()).unwrap_or(0)
     }
     fn cpu_seconds(&self) -> Result<f64> {
-        cpu_seconds(self.pid())
+        crate::procfs::cpu_seconds(self.pid())
     }
-}
-
-/// User + system CPU time of `pid`, in seconds (USER_HZ = 100).
-fn cpu_seconds(pid: i32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').context("/proc/PID/stat format")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("/proc/PID/stat fields")?
-            .parse::<f64>()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
-fn hwm_bytes(pid: i32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("VmHWM in /proc/PID/status")
 }
 
 fn free_port() -> Result<u16> {
@@ -1066,14 +1042,14 @@ pub(crate) fn run(args: &Args, dir: &Path) -> Result<EngineResult> {
         h1: w1,
         h2: w2,
         rate: waypoint_rate,
-        rss_peak: hwm_bytes(waypoint.pid())?,
+        rss_peak: crate::procfs::peak_rss_bytes(waypoint.pid())?,
     };
     let envoy_result = match (&envoy, envoy_rate) {
         (Some(e), Some(rate)) => Some(ProxyResult {
             h1: e1,
             h2: e2,
             rate,
-            rss_peak: hwm_bytes(e.pid())?,
+            rss_peak: crate::procfs::peak_rss_bytes(e.pid())?,
         }),
         _ => None,
     };
