@@ -58,7 +58,7 @@ pub enum Error {
     #[error("a cluster has 1 to {max} nodes, not {0}", max = layout::MAX_NODES)]
     Nodes(u8),
     /// `up` for a cluster that exists.
-    #[error("cluster {0:?} already exists (run `weft cluster down --name {0}` first)")]
+    #[error("cluster {0:?} already exists (run `weft cluster down --cluster {0}` first)")]
     AlreadyExists(String),
     /// The cluster is not up.
     #[error("cluster {0:?} not found")]
@@ -291,7 +291,13 @@ impl Cluster {
         let log = std::fs::File::create(layout.runner_log()).map_err(io("creating runner log"))?;
         let log_err = log.try_clone().map_err(io("creating runner log"))?;
         let child = Command::new(weft_exe)
-            .args(["cluster", "runner", "--name", layout.name(), "--state-dir"])
+            .args([
+                "cluster",
+                "runner",
+                "--cluster",
+                layout.name(),
+                "--state-dir",
+            ])
             .arg(layout.state_dir())
             .stdin(Stdio::null())
             .stdout(log)
@@ -868,7 +874,7 @@ impl Cluster {
             .map(|d| d.join(program))
             .find(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from(program));
-        let mut cmd = netns::command_in(&netns_name, program);
+        let mut cmd = netns::pod_command_in(&netns_name, &pod_hostname(&object), program);
         cmd.args(args);
         Ok(cmd)
     }
@@ -981,6 +987,20 @@ impl Cluster {
     }
 }
 
+/// A pod's hostname, as the kubelet sets it: `spec.hostname` when given, else the pod's name,
+/// cut to 63 bytes (a DNS label).
+pub fn pod_hostname(pod: &Object) -> String {
+    let name = pod.0["spec"]["hostname"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| pod.name());
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
 /// Whether a pod object has condition `Ready=True`.
 pub fn pod_ready(pod: &Object) -> bool {
     pod.0["status"]["conditions"]
@@ -1012,7 +1032,7 @@ fn runner_pids(layout: &Layout) -> Vec<i32> {
             .any(|w| w == [&b"cluster"[..], &b"runner"[..]])
             && args
                 .windows(2)
-                .any(|w| w[0] == b"--name" && w[1] == layout.name().as_bytes());
+                .any(|w| w[0] == b"--cluster" && w[1] == layout.name().as_bytes());
         if is_runner && process_alive(pid) {
             pids.push(pid);
         }

@@ -1,8 +1,10 @@
-//! `weft demo`: the guided tour of incremental L4 adoption on a 2-node local cluster.
+//! `weft demo`: the guided tour of incremental mesh adoption, L4 then L7, on a 2-node local
+//! cluster.
 //!
 //! Brings the cluster up (controller, CNI agent and ztunnel per node), applies the manifests of
-//! `examples/demo/` (built in; `--examples DIR` reads them from a directory instead) and walks
-//! through four steps, printing for each client what was **observed**, never canned text:
+//! `examples/demo/` and `examples/bring-your-own-app/web.yaml` (built in; `--examples DIR`
+//! reads them from a directory instead) and walks through eight steps, printing for each client
+//! what was **observed**, never canned text:
 //!
 //! * (a) before enrollment: plaintext, no proxy on the path, the server sees the client's IP;
 //! * (b) namespace `demo` labelled ambient, no pod restarted: the same requests are mutual TLS
@@ -11,7 +13,10 @@
 //! * (c) an AuthorizationPolicy allowing only the frontend's identity: the other clients are
 //!   refused;
 //! * (d) that policy removed and PeerAuthentication STRICT applied: mesh clients get through,
-//!   the non-mesh client is refused.
+//!   the non-mesh client is refused;
+//! * (e)–(h), in [`l7`]: a waypoint for the namespace (requests cross it, seen in its own
+//!   metrics; curl → nginx too), an HTTPRoute canary split, an L7 AuthorizationPolicy next to
+//!   the L4 one, and the waypoint removed — all without restarting a pod.
 //!
 //! What a request did comes from the client (status, which replica answered, the source address
 //! the server saw) and from the destination ztunnels' metrics read before and after it
@@ -20,16 +25,19 @@
 //! ztunnels before reporting; if what it expects never happens it still prints what it saw,
 //! marks the line `UNEXPECTED`, and the demo fails at the end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::Value;
 
 use crate::cluster::{self, Cluster, Object, ObjectKey, Options, layout};
-use crate::inspect;
+
+mod l7;
+mod observe;
+
+use observe::{Observed, Pods, observe};
 
 /// The demo cluster's default name.
 pub const DEFAULT_NAME: &str = "demo";
@@ -41,6 +49,21 @@ pub const CONVERGE: Duration = Duration::from_secs(30);
 const APP: &str = include_str!("../../examples/demo/00-app.yaml");
 const ALLOW_FRONTEND: &str = include_str!("../../examples/demo/10-allow-frontend.yaml");
 const STRICT: &str = include_str!("../../examples/demo/20-strict-mtls.yaml");
+const CANARY_ROUTE: &str = include_str!("../../examples/demo/30-canary-route.yaml");
+const L7_POLICY: &str = include_str!("../../examples/demo/40-l7-policy.yaml");
+/// The "bring your own app" web server (nginx), deployed next to echo.
+const WEB: &str = include_str!("../../examples/bring-your-own-app/web.yaml");
+
+/// The demo's manifests by file name (`--examples DIR` replaces them with `DIR/<name>`; the
+/// web server's is `web.yaml`).
+const MANIFESTS: [(&str, &str); 6] = [
+    ("00-app.yaml", APP),
+    ("10-allow-frontend.yaml", ALLOW_FRONTEND),
+    ("20-strict-mtls.yaml", STRICT),
+    ("30-canary-route.yaml", CANARY_ROUTE),
+    ("40-l7-policy.yaml", L7_POLICY),
+    ("web.yaml", WEB),
+];
 
 /// Requests per client per observation.
 const REQUESTS: u32 = 4;
@@ -136,12 +159,12 @@ fn preflight(config: &Config, weft_exe: &Path) -> Result<()> {
     if Cluster::open(&config.name, None).is_ok() {
         bail!(
             "a cluster named {name:?} is already up (a previous demo?): `weft demo down{flag}` \
-             removes it; or look around with `weft cluster get pods -A --name {name}`",
+             removes it; or look around with `weft cluster get pods -A --cluster {name}`",
             name = config.name,
             flag = if config.name == DEFAULT_NAME {
                 String::new()
             } else {
-                format!(" --name {}", config.name)
+                format!(" --cluster {}", config.name)
             }
         );
     }
@@ -153,166 +176,24 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
-fn manifest(config: &Config, file: &str, built_in: &'static str) -> Result<String> {
-    match &config.examples {
+fn manifest(examples: Option<&Path>, file: &str) -> Result<String> {
+    match examples {
         Some(dir) => {
             let path = dir.join(file);
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         }
-        None => Ok(built_in.to_owned()),
-    }
-}
-
-/// Connections the destination ztunnels counted, by (principal, security policy, flags).
-type Counts = BTreeMap<(String, String, String), u64>;
-
-/// One `label="value"` set and value of a Prometheus text line.
-fn parse_line(line: &str) -> Option<(BTreeMap<&str, &str>, u64)> {
-    let (head, value) = line.rsplit_once(' ')?;
-    let labels = head.split_once('{')?.1.strip_suffix('}')?;
-    let mut map = BTreeMap::new();
-    let mut rest = labels;
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"")?;
-        let end = after.find('"')?;
-        map.insert(key.trim_start_matches(','), &after[..end]);
-        rest = &after[end + 1..];
-    }
-    Some((map, value.parse::<f64>().ok()? as u64))
-}
-
-fn destination_counts(cluster: &Cluster) -> Result<Counts> {
-    let mut counts = Counts::new();
-    for node in 1..=cluster.description().nodes {
-        let (_, text) = inspect::http_get_in(
-            &cluster.layout().node_netns(node),
-            cluster.ztunnel_stats_address(node),
-            "/metrics",
-        )?;
-        for line in text.lines() {
-            if !line.starts_with("istio_tcp_connections_opened_total{") {
-                continue;
-            }
-            let Some((labels, value)) = parse_line(line) else {
-                continue;
-            };
-            if labels.get("reporter") != Some(&"destination") {
-                continue;
-            }
-            let get = |k: &str| labels.get(k).copied().unwrap_or_default().to_owned();
-            *counts
-                .entry((
-                    get("source_principal"),
-                    get("connection_security_policy"),
-                    get("response_flags"),
-                ))
-                .or_default() += value;
-        }
-    }
-    Ok(counts)
-}
-
-/// What one batch of requests from a pod did.
-#[derive(Debug, Clone, Default)]
-struct Observed {
-    answered: usize,
-    sent: usize,
-    servers: BTreeSet<String>,
-    sources: BTreeSet<String>,
-    /// New destination-side connections: (principal, policy, flags) → count.
-    mesh: Counts,
-}
-
-impl Observed {
-    fn all_answered(&self) -> bool {
-        self.sent > 0 && self.answered == self.sent
-    }
-
-    fn none_answered(&self) -> bool {
-        self.answered == 0
-    }
-
-    fn mtls_principals(&self, flags: &str) -> BTreeSet<&str> {
-        self.mesh
+        None => MANIFESTS
             .iter()
-            .filter(|((_, policy, f), n)| policy == "mutual_tls" && f == flags && **n > 0)
-            .map(|((p, _, _), _)| p.as_str())
-            .collect()
-    }
-
-    fn counted(&self, policy: &str, flags: &str) -> bool {
-        self.mesh
-            .iter()
-            .any(|((_, p, f), n)| p == policy && f == flags && *n > 0)
-    }
-}
-
-fn observe(cluster: &Cluster, ns: &str, pod: &str, url: &str) -> Result<Observed> {
-    let before = destination_counts(cluster)?;
-    let out = cluster.echo_client(ns, pod, url, REQUESTS)?;
-    let mut observed = Observed::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(reply) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        observed.sent += 1;
-        if reply["status"] == 200 {
-            observed.answered += 1;
-            if let Some(server) = reply["pod"].as_str() {
-                observed.servers.insert(server.to_owned());
-            }
-            if let Some(source) = reply["source"].as_str() {
-                let ip = source.rsplit_once(':').map_or(source, |(ip, _)| ip);
-                observed.sources.insert(ip.to_owned());
-            }
-        }
-    }
-    // The destination side counts a connection when it opens; give the counters a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let after = destination_counts(cluster)?;
-    for (key, n) in after {
-        let delta = n.saturating_sub(before.get(&key).copied().unwrap_or(0));
-        if delta > 0 {
-            observed.mesh.insert(key, delta);
-        }
-    }
-    Ok(observed)
-}
-
-/// The pod name, IP and node of each pod of `ns`.
-struct Pods(BTreeMap<String, (String, String)>);
-
-impl Pods {
-    fn of(cluster: &Cluster, ns: &str) -> Result<Pods> {
-        Ok(Pods(
-            cluster
-                .pods(Some(ns))?
-                .iter()
-                .map(|p| {
-                    (
-                        p.name().to_owned(),
-                        (
-                            p.0["status"]["podIP"].as_str().unwrap_or("-").to_owned(),
-                            p.0["spec"]["nodeName"].as_str().unwrap_or("-").to_owned(),
-                        ),
-                    )
-                })
-                .collect(),
-        ))
-    }
-
-    fn ip(&self, pod: &str) -> &str {
-        self.0.get(pod).map_or("-", |(ip, _)| ip.as_str())
-    }
-
-    fn node(&self, pod: &str) -> &str {
-        self.0.get(pod).map_or("-", |(_, node)| node.as_str())
+            .find(|(name, _)| *name == file)
+            .map(|(_, text)| (*text).to_owned())
+            .with_context(|| format!("no built-in manifest {file}")),
     }
 }
 
 /// Everything the report lines need.
 struct Tour<'a> {
     cluster: &'a Cluster,
+    examples: Option<&'a Path>,
     url: String,
     out: &'a mut dyn Write,
     unexpected: usize,
@@ -325,7 +206,23 @@ impl Tour<'_> {
         Ok(())
     }
 
-    /// Observes `ns/pod` until `expected` holds (or [`CONVERGE`] passes) and reports it.
+    /// The manifest `file` of the demo (built in, or from `--examples`).
+    fn manifest(&self, file: &str) -> Result<String> {
+        manifest(self.examples, file)
+    }
+
+    /// Prints an observation, marked `UNEXPECTED` (and counted) when it is not what the mesh
+    /// should do.
+    fn report(&mut self, ok: bool, line: &str, expected: &str) -> Result<()> {
+        if ok {
+            self.say(&format!("    {line}"))
+        } else {
+            self.unexpected += 1;
+            self.say(&format!("    UNEXPECTED {line} (expected: {expected})"))
+        }
+    }
+
+    /// Observes `ns/pod` → echo until `expected` holds (or [`CONVERGE`] passes) and reports it.
     fn request(
         &mut self,
         ns: &str,
@@ -333,29 +230,37 @@ impl Tour<'_> {
         expected: &str,
         holds: impl Fn(&Observed) -> bool,
     ) -> Result<Observed> {
+        let url = self.url.clone();
+        self.request_to(ns, pod, &url, "echo.demo", expected, holds)
+    }
+
+    /// As [`Tour::request`] to `url`, named `target` in the report.
+    fn request_to(
+        &mut self,
+        ns: &str,
+        pod: &str,
+        url: &str,
+        target: &str,
+        expected: &str,
+        holds: impl Fn(&Observed) -> bool,
+    ) -> Result<Observed> {
         let deadline = Instant::now() + CONVERGE;
         let observed = loop {
-            let observed = observe(self.cluster, ns, pod, &self.url)?;
+            let observed = observe(self.cluster, ns, pod, url)?;
             if holds(&observed) || Instant::now() > deadline {
                 break observed;
             }
             std::thread::sleep(Duration::from_millis(300));
         };
-        let ok = holds(&observed);
-        let line = self.describe(ns, pod, &observed)?;
-        if ok {
-            self.say(&format!("    {line}"))?;
-        } else {
-            self.unexpected += 1;
-            self.say(&format!("    UNEXPECTED {line} (expected: {expected})"))?;
-        }
+        let line = self.describe(ns, pod, target, &observed)?;
+        self.report(holds(&observed), &line, expected)?;
         Ok(observed)
     }
 
-    fn describe(&self, ns: &str, pod: &str, o: &Observed) -> Result<String> {
+    fn describe(&self, ns: &str, pod: &str, target: &str, o: &Observed) -> Result<String> {
         let client = Pods::of(self.cluster, ns)?;
         let servers = Pods::of(self.cluster, NS)?;
-        let mut text = format!("{ns}/{pod} → echo.demo: {}/{} answered", o.answered, o.sent);
+        let mut text = format!("{ns}/{pod} → {target}: {}/{} answered", o.answered, o.sent);
         if o.answered > 0 {
             let by: Vec<String> = o
                 .servers
@@ -432,19 +337,26 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     options.nodes = 2;
     options.weft_exe = Some(weft_exe);
     let cluster = Cluster::up(&options)?;
-    cluster.apply_yaml(&manifest(config, "00-app.yaml", APP)?)?;
+    let examples = config.examples.as_deref();
+    cluster.apply_yaml(&manifest(examples, "00-app.yaml")?)?;
+    cluster.apply_yaml(&manifest(examples, "web.yaml")?)?;
     let ready = Duration::from_secs(60);
-    let echo = cluster.wait_ready(NS, &[("app", "echo")], 2, ready)?;
-    cluster.wait_ready(NS, &[], 4, ready)?;
+    let echo = cluster.wait_ready(NS, &[("app", "echo")], 3, ready)?;
+    cluster.wait_ready(NS, &[("app", "web")], 1, ready)?;
+    cluster.wait_ready(NS, &[], 6, ready)?;
     cluster.wait_ready("legacy", &[], 1, ready)?;
-    let svc = cluster
-        .store()
-        .get(&ObjectKey::new("", "Service", Some(NS), "echo"))?
-        .context("Service demo/echo")?;
-    let vip = svc.0["spec"]["clusterIP"]
-        .as_str()
-        .unwrap_or("-")
-        .to_owned();
+    let cluster_ip = |name: &str| -> Result<String> {
+        let svc = cluster
+            .store()
+            .get(&ObjectKey::new("", "Service", Some(NS), name))?
+            .with_context(|| format!("Service demo/{name}"))?;
+        Ok(svc.0["spec"]["clusterIP"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned())
+    };
+    let vip = cluster_ip("echo")?;
+    let web_vip = cluster_ip("web")?;
     let pods = Pods::of(&cluster, NS)?;
     let legacy = Pods::of(&cluster, "legacy")?;
     let placement: Vec<String> = echo
@@ -454,7 +366,8 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     writeln!(
         out,
         "Up in {:.0} s. Deployed examples/demo: Service echo.demo ({vip}) with replicas {}; \
-         clients demo/frontend ({}), demo/batch ({}), legacy/client ({}).",
+         nginx as Service web.demo ({web_vip}); clients demo/frontend ({}), demo/batch ({}), \
+         legacy/client ({}).",
         started.elapsed().as_secs_f64(),
         placement.join(", "),
         pods.ip("frontend"),
@@ -464,6 +377,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     // The local cluster has no DNS: clients dial the VIP, as a pod's resolver would return it.
     let mut tour = Tour {
         cluster: &cluster,
+        examples,
         url: format!("http://{vip}/"),
         out,
         unexpected: 0,
@@ -541,7 +455,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
         "\n(c) `weft cluster apply -f examples/demo/10-allow-frontend.yaml`: only \
          spiffe://cluster.local/ns/demo/sa/frontend may reach echo.",
     )?;
-    cluster.apply_yaml(&manifest(config, "10-allow-frontend.yaml", ALLOW_FRONTEND)?)?;
+    cluster.apply_yaml(&manifest(examples, "10-allow-frontend.yaml")?)?;
     tour.request(NS, "batch", "refused", Observed::none_answered)?;
     tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
     tour.request("legacy", "client", "refused", Observed::none_answered)?;
@@ -550,11 +464,14 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
         "\n(d) Policy removed; `weft cluster apply -f examples/demo/20-strict-mtls.yaml`: \
          namespace demo accepts mutual TLS only.",
     )?;
-    cluster.delete_yaml(&manifest(config, "10-allow-frontend.yaml", ALLOW_FRONTEND)?)?;
-    cluster.apply_yaml(&manifest(config, "20-strict-mtls.yaml", STRICT)?)?;
+    cluster.delete_yaml(&manifest(examples, "10-allow-frontend.yaml")?)?;
+    cluster.apply_yaml(&manifest(examples, "20-strict-mtls.yaml")?)?;
     tour.request("legacy", "client", "refused", Observed::none_answered)?;
     tour.request(NS, "batch", "answered over mTLS", Observed::all_answered)?;
     tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
+
+    // The L7 half, on the same cluster and pods.
+    l7::run(&mut tour, &vip, &web_vip)?;
 
     let unexpected = tour.unexpected;
     let text = look_around(&config.name, &tour.url);
@@ -568,7 +485,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
 /// The closing hint: commands to look around the demo cluster and to remove it.
 fn look_around(name: &str, url: &str) -> String {
     // The inspection commands default to cluster `weft` (or $WEFT_CLUSTER): name the demo's.
-    let name_flag = format!(" --name {name}");
+    let name_flag = format!(" --cluster {name}");
     let down_flag = if name == DEFAULT_NAME {
         String::new()
     } else {
@@ -588,6 +505,7 @@ fn look_around(name: &str, url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::observe::parse_line;
     use super::*;
 
     #[test]
@@ -596,11 +514,11 @@ mod tests {
         // default cluster is `weft`); `weft demo down` needs it only for other names.
         for (name, down) in [
             (DEFAULT_NAME, "weft demo down\n"),
-            ("t", "weft demo down --name t\n"),
+            ("t", "weft demo down --cluster t\n"),
         ] {
             let text = look_around(name, "http://10.96.0.10/") + "\n";
             for line in text.lines().filter(|l| l.trim_start().starts_with("weft ")) {
-                assert!(line.contains(&format!("--name {name}")), "{line}");
+                assert!(line.contains(&format!("--cluster {name}")), "{line}");
             }
             assert!(
                 text.ends_with(&format!("Remove everything: {down}")),
@@ -651,7 +569,7 @@ mod tests {
 
     #[test]
     fn the_built_in_manifests_parse() {
-        for (name, text) in [("00-app.yaml", APP), ("10", ALLOW_FRONTEND), ("20", STRICT)] {
+        for (name, text) in MANIFESTS {
             let objects = crate::cluster::manifest::parse(text, name).unwrap();
             assert!(!objects.is_empty(), "{name}");
         }

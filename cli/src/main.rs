@@ -28,6 +28,8 @@ enum Command {
     ZtunnelConfig {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// What to show.
         section: inspect::Section,
         /// Only this node (1, 2, …); default every node.
@@ -41,6 +43,8 @@ enum Command {
     ProxyStatus {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Output format: table, json or yaml.
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
@@ -56,8 +60,10 @@ enum Command {
         /// `down` removes the demo cluster.
         action: Option<DemoAction>,
         /// Cluster name.
-        #[arg(long, default_value = weft::demo::DEFAULT_NAME)]
+        #[arg(long = "cluster", default_value = weft::demo::DEFAULT_NAME)]
         name: String,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Read the demo manifests from this directory (default: the built-in copies of
         /// examples/demo).
         #[arg(long)]
@@ -71,32 +77,40 @@ enum DemoAction {
     Down,
 }
 
+/// Cluster selection, the same in every verb: `--cluster C` (or `$WEFT_CLUSTER`). `--name` is
+/// always an object's name (a waypoint's), never the cluster's.
 #[derive(clap::Args, Debug, Clone)]
 struct Target {
     /// Cluster name.
-    #[arg(long, global = true, default_value = "weft", env = "WEFT_CLUSTER")]
-    name: String,
-    /// State directory (default /var/run/weft/clusters/<name>).
+    #[arg(
+        long = "cluster",
+        global = true,
+        default_value = "weft",
+        env = "WEFT_CLUSTER"
+    )]
+    cluster: String,
+    /// State directory (default /var/run/weft/clusters/<cluster>).
     #[arg(long, global = true, env = "WEFT_CLUSTER_STATE_DIR")]
     state_dir: Option<PathBuf>,
 }
 
-/// Cluster selection for commands whose `--name` means something else (a waypoint's name).
+/// The old spelling `--name C` of verbs whose only object is the cluster: refused with the new
+/// spelling, so a habit from an earlier release gets an answer instead of a wrong cluster.
 #[derive(clap::Args, Debug, Clone)]
-struct ClusterTarget {
-    /// Cluster name.
-    #[arg(long = "cluster", default_value = "weft", env = "WEFT_CLUSTER")]
-    cluster: String,
-    /// State directory (default /var/run/weft/clusters/<cluster>).
-    #[arg(long, env = "WEFT_CLUSTER_STATE_DIR")]
-    state_dir: Option<PathBuf>,
+struct OldClusterName {
+    #[arg(long = "name", hide = true, global = true)]
+    old_name: Option<String>,
 }
 
-impl From<ClusterTarget> for Target {
-    fn from(target: ClusterTarget) -> Self {
-        Target {
-            name: target.cluster,
-            state_dir: target.state_dir,
+impl OldClusterName {
+    fn refuse(&self) -> anyhow::Result<()> {
+        match &self.old_name {
+            Some(name) => bail!(
+                "`--name` does not select the cluster any more: use `--cluster {name}` (every weft \
+                 verb selects the cluster with --cluster or $WEFT_CLUSTER; --name is always an \
+                 object's name, as in `weft waypoint apply --name`)"
+            ),
+            None => Ok(()),
         }
     }
 }
@@ -118,7 +132,7 @@ enum WaypointCommand {
     /// Create (or with --overwrite replace) the waypoint Gateway in the cluster.
     Apply {
         #[command(flatten)]
-        target: ClusterTarget,
+        target: Target,
         /// Namespace of the waypoint.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -144,7 +158,7 @@ enum WaypointCommand {
     /// List waypoints: namespace, name, traffic type, Programmed, address.
     List {
         #[command(flatten)]
-        target: ClusterTarget,
+        target: Target,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -158,7 +172,7 @@ enum WaypointCommand {
     /// Show waypoints' status conditions (type, status, reason, message).
     Status {
         #[command(flatten)]
-        target: ClusterTarget,
+        target: Target,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -172,7 +186,7 @@ enum WaypointCommand {
     /// Delete waypoints (and the objects the controller made for them).
     Delete {
         #[command(flatten)]
-        target: ClusterTarget,
+        target: Target,
         /// Namespace.
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
@@ -191,6 +205,8 @@ enum ClusterCommand {
     Up {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: u8,
@@ -202,11 +218,15 @@ enum ClusterCommand {
     Down {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
     },
     /// Create or update objects from a file or directory of manifests.
     Apply {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Manifest file or directory (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
@@ -215,6 +235,8 @@ enum ClusterCommand {
     Delete {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Manifest file or directory (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
@@ -223,6 +245,8 @@ enum ClusterCommand {
     Get {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// What to list.
         kind: String,
         /// Namespace.
@@ -239,6 +263,8 @@ enum ClusterCommand {
     Label {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// Only `namespace` is supported.
         kind: String,
         /// Namespace name.
@@ -250,6 +276,8 @@ enum ClusterCommand {
     Exec {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// `namespace/pod`.
         pod: String,
         /// The command and its arguments.
@@ -260,6 +288,8 @@ enum ClusterCommand {
     Logs {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
         /// `namespace/pod`.
         pod: String,
         /// Container (default: the first).
@@ -271,6 +301,8 @@ enum ClusterCommand {
     Runner {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
     },
 }
 
@@ -286,7 +318,7 @@ fn main() -> ExitCode {
 }
 
 fn open(target: &Target) -> anyhow::Result<Cluster> {
-    Ok(Cluster::open(&target.name, target.state_dir.as_deref())?)
+    Ok(Cluster::open(&target.cluster, target.state_dir.as_deref())?)
 }
 
 fn split_pod(pod: &str) -> anyhow::Result<(&str, &str)> {
@@ -305,7 +337,31 @@ fn read_manifests(file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
     }
 }
 
+/// The old `--name` cluster spelling, if this invocation used it.
+fn old_cluster_name(command: &Command) -> Option<&OldClusterName> {
+    match command {
+        Command::ZtunnelConfig { old, .. }
+        | Command::ProxyStatus { old, .. }
+        | Command::Demo { old, .. } => Some(old),
+        Command::Cluster { command } => Some(match command {
+            ClusterCommand::Up { old, .. }
+            | ClusterCommand::Down { old, .. }
+            | ClusterCommand::Apply { old, .. }
+            | ClusterCommand::Delete { old, .. }
+            | ClusterCommand::Get { old, .. }
+            | ClusterCommand::Label { old, .. }
+            | ClusterCommand::Exec { old, .. }
+            | ClusterCommand::Logs { old, .. }
+            | ClusterCommand::Runner { old, .. } => old,
+        }),
+        Command::Waypoint { .. } => None,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(old) = old_cluster_name(&cli.command) {
+        old.refuse()?;
+    }
     // The demo checks root itself and says what to do; `waypoint generate` only prints.
     let needs_root = !matches!(
         cli.command,
@@ -325,13 +381,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             section,
             node,
             output,
+            ..
         } => {
             let cluster = open(&target)?;
             let report = inspect::ztunnel_config(&cluster, section, node)?;
             print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
             return Ok(ExitCode::SUCCESS);
         }
-        Command::ProxyStatus { target, output } => {
+        Command::ProxyStatus { target, output, .. } => {
             let cluster = open(&target)?;
             let report = inspect::proxy_status(&cluster)?;
             print!("{}", report.render(&output).map_err(anyhow::Error::msg)?);
@@ -353,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action: None,
             name,
             examples,
+            ..
         } => {
             let mut config = weft::demo::Config::new(&name);
             config.examples = examples;
@@ -365,31 +423,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             nodes,
             cni_bin_dir,
+            ..
         } => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_env_filter("warn")
                 .init();
-            let mut options = Options::new(&target.name);
+            let mut options = Options::new(&target.cluster);
             options.nodes = nodes;
             options.state_dir = target.state_dir;
             options.plugin_dirs = vec![cni_bin_dir];
             let cluster = Cluster::up(&options)?;
             println!(
                 "cluster {} is up: {} nodes, state in {}",
-                target.name,
+                target.cluster,
                 nodes,
                 cluster.layout().state_dir().display()
             );
         }
-        ClusterCommand::Down { target } => {
-            if Cluster::down(&target.name, target.state_dir.as_deref())? {
-                println!("cluster {} removed", target.name);
+        ClusterCommand::Down { target, .. } => {
+            if Cluster::down(&target.cluster, target.state_dir.as_deref())? {
+                println!("cluster {} removed", target.cluster);
             } else {
-                println!("cluster {} not found: nothing to remove", target.name);
+                println!("cluster {} not found: nothing to remove", target.cluster);
             }
         }
-        ClusterCommand::Apply { target, file } => {
+        ClusterCommand::Apply { target, file, .. } => {
             let cluster = open(&target)?;
             for (key, outcome) in cluster.apply(&read_manifests(&file)?)? {
                 let verb = match outcome {
@@ -400,7 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{key} {verb}");
             }
         }
-        ClusterCommand::Delete { target, file } => {
+        ClusterCommand::Delete { target, file, .. } => {
             let cluster = open(&target)?;
             let keys: Vec<_> = read_manifests(&file)?.iter().map(Object::key).collect();
             for (key, existed) in cluster.store().delete(&keys)? {
@@ -413,6 +472,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace,
             all_namespaces,
             output,
+            ..
         } => {
             let cluster = open(&target)?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
@@ -423,6 +483,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             object,
             label,
+            ..
         } => {
             if !matches!(kind.as_str(), "namespace" | "namespaces" | "ns") {
                 bail!("only namespaces can be labelled, not {kind:?}");
@@ -443,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             pod,
             command,
+            ..
         } => {
             let cluster = open(&target)?;
             let (ns, name) = split_pod(&pod)?;
@@ -456,17 +518,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             pod,
             container,
+            ..
         } => {
             let cluster = open(&target)?;
             let (ns, name) = split_pod(&pod)?;
             print!("{}", cluster.logs(ns, name, container.as_deref())?);
         }
-        ClusterCommand::Runner { target } => {
+        ClusterCommand::Runner { target, .. } => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
                 .with_env_filter("info")
                 .init();
-            cluster::run_runner(&target.name, target.state_dir.as_deref())?;
+            cluster::run_runner(&target.cluster, target.state_dir.as_deref())?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -494,7 +557,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             wait,
             timeout,
         } => {
-            let cluster = open(&target.into())?;
+            let cluster = open(&target)?;
             let options = waypoint::ApplyOptions {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -538,7 +601,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             all_namespaces,
             output,
         } => {
-            let cluster = open(&target.into())?;
+            let cluster = open(&target)?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
             let gateways = waypoint::waypoints(cluster.store(), ns)?;
             if gateways.is_empty() && output == "table" {
@@ -557,7 +620,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             name,
             output,
         } => {
-            let cluster = open(&target.into())?;
+            let cluster = open(&target)?;
             let mut gateways = waypoint::waypoints(cluster.store(), Some(&namespace))?;
             if let Some(name) = &name {
                 gateways.retain(|g| g.name() == name);
@@ -581,7 +644,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             names,
             all,
         } => {
-            let cluster = open(&target.into())?;
+            let cluster = open(&target)?;
             let selection = if all {
                 waypoint::Selection::All
             } else {
@@ -784,5 +847,88 @@ mod tests {
             Cli::try_parse_from(["weft", "waypoint", "status", "--name", "wp", "-o", "json"])
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn every_verb_selects_the_cluster_with_cluster() {
+        for argv in [
+            &["weft", "cluster", "up", "--cluster", "c"][..],
+            &["weft", "cluster", "get", "pods", "-A", "--cluster", "c"],
+            &[
+                "weft",
+                "cluster",
+                "exec",
+                "--cluster",
+                "c",
+                "ns/p",
+                "--",
+                "true",
+            ],
+            &[
+                "weft",
+                "ztunnel-config",
+                "workloads",
+                "--cluster",
+                "c",
+                "-o",
+                "json",
+            ],
+            &["weft", "proxy-status", "--cluster", "c", "-o", "yaml"],
+            &["weft", "demo", "--cluster", "c"],
+            &[
+                "weft",
+                "waypoint",
+                "list",
+                "-A",
+                "--cluster",
+                "c",
+                "-o",
+                "json",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let cluster = match &cli.command {
+                Command::Cluster { command } => match command {
+                    ClusterCommand::Up { target, .. }
+                    | ClusterCommand::Get { target, .. }
+                    | ClusterCommand::Exec { target, .. } => target.cluster.clone(),
+                    other => panic!("{other:?}"),
+                },
+                Command::ZtunnelConfig { target, .. } | Command::ProxyStatus { target, .. } => {
+                    target.cluster.clone()
+                }
+                Command::Demo { name, .. } => name.clone(),
+                Command::Waypoint {
+                    command: WaypointCommand::List { target, .. },
+                } => target.cluster.clone(),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(cluster, "c", "{argv:?}");
+            assert!(old_cluster_name(&cli.command).is_none_or(|o| o.refuse().is_ok()));
+        }
+    }
+
+    #[test]
+    fn the_old_cluster_spelling_is_refused_with_the_new_one() {
+        for argv in [
+            &["weft", "cluster", "up", "--name", "c"][..],
+            &["weft", "cluster", "get", "pods", "--name", "c"],
+            &["weft", "ztunnel-config", "workloads", "--name", "c"],
+            &["weft", "proxy-status", "--name", "c"],
+            &["weft", "demo", "down", "--name", "c"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let err = old_cluster_name(&cli.command)
+                .expect("a verb whose only object is the cluster")
+                .refuse()
+                .expect_err("the old spelling is refused");
+            assert!(
+                err.to_string().contains("use `--cluster c`"),
+                "{argv:?}: {err}"
+            );
+        }
+        // `weft waypoint … --name` names the waypoint, as before.
+        let cli = Cli::try_parse_from(["weft", "waypoint", "apply", "--name", "wp"]).unwrap();
+        assert!(old_cluster_name(&cli.command).is_none());
     }
 }

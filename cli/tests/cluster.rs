@@ -269,7 +269,7 @@ fn pods_reach_services_and_pods_across_nodes() {
         let out = Command::new(WEFT)
             .arg("cluster")
             .arg(args[0])
-            .args(["--name", "t-e2e"])
+            .args(["--cluster", "t-e2e"])
             .args(&args[1..])
             .output()
             .unwrap();
@@ -453,8 +453,8 @@ fn leftovers(name: &str) -> Vec<String> {
         };
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if (text.contains(&layout.netns_prefix())
-            || text.contains(&format!("--name {name} "))
-            || text.ends_with(&format!("--name {name}")))
+            || text.contains(&format!("--cluster {name} "))
+            || text.ends_with(&format!("--cluster {name}")))
             && !text.contains("cluster down")
         {
             found.push(format!(
@@ -478,14 +478,14 @@ fn down_removes_everything_even_after_a_killed_up() {
         .unwrap();
     // `up` on an existing cluster says so.
     let again = Command::new(WEFT)
-        .args(["cluster", "up", "--name", "t-down"])
+        .args(["cluster", "up", "--cluster", "t-down"])
         .output()
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
     let down = Command::new(WEFT)
-        .args(["cluster", "down", "--name", "t-down"])
+        .args(["cluster", "down", "--cluster", "t-down"])
         .output()
         .unwrap();
     assert!(down.status.success(), "{down:?}");
@@ -495,7 +495,7 @@ fn down_removes_everything_even_after_a_killed_up() {
     // Kill `up` midway (once it has made some namespaces), then clean up.
     let _ = Cluster::down("t-kill", None);
     let mut up = Command::new(WEFT)
-        .args(["cluster", "up", "--name", "t-kill", "--nodes", "3"])
+        .args(["cluster", "up", "--cluster", "t-kill", "--nodes", "3"])
         .spawn()
         .unwrap();
     let layout = cluster::Layout::new("t-kill", None).unwrap();
@@ -509,7 +509,7 @@ fn down_removes_everything_even_after_a_killed_up() {
         "the killed up left something to clean"
     );
     let down = Command::new(WEFT)
-        .args(["cluster", "down", "--name", "t-kill"])
+        .args(["cluster", "down", "--cluster", "t-kill"])
         .output()
         .unwrap();
     assert!(down.status.success(), "{down:?}");
@@ -556,7 +556,7 @@ fn malformed_manifests_are_rejected_precisely_and_change_nothing() {
         std::fs::write(&path, text).unwrap();
         let revision = cluster.store().revision();
         let out = Command::new(WEFT)
-            .args(["cluster", "apply", "--name", "t-bad", "-f"])
+            .args(["cluster", "apply", "--cluster", "t-bad", "-f"])
             .arg(&path)
             .output()
             .unwrap();
@@ -1555,9 +1555,16 @@ fn demo_step(stdout: &str, step: char) -> &str {
     &rest[..end]
 }
 
+/// The line of `step` that starts with `client →` (or with `client` itself when it already
+/// names the target, `ns/pod → target`).
 fn demo_line<'a>(step: &'a str, client: &str) -> &'a str {
+    let prefix = if client.contains('→') {
+        client.to_owned()
+    } else {
+        format!("{client} →")
+    };
     step.lines()
-        .find(|l| l.trim_start().starts_with(&format!("{client} →")))
+        .find(|l| l.trim_start().starts_with(&prefix))
         .unwrap_or_else(|| panic!("no line for {client} in: {step}"))
 }
 
@@ -1569,7 +1576,7 @@ fn the_demo_reports_what_the_cluster_did() {
     let name = "t-demo";
     let _ = Cluster::down(name, None);
     let out = Command::new(WEFT)
-        .args(["demo", "--name", name])
+        .args(["demo", "--cluster", name])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1644,6 +1651,101 @@ fn the_demo_reports_what_the_cluster_did() {
     );
     assert!(demo_line(d, "demo/batch").contains("4/4 answered"), "{d}");
 
+    // (e) the waypoint: frontend's requests counted by the waypoint itself with frontend's
+    // identity, and by the servers' ztunnels as mTLS from the waypoint's identity; curl → nginx
+    // through the same path.
+    let e = demo_step(&stdout, 'e');
+    assert!(e.contains("waypoint demo/waypoint Programmed"), "{e}");
+    let line = demo_line(e, "demo/frontend → echo.demo");
+    let counted: u64 = line
+        .split_once("the waypoint counted ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no waypoint count in {line}"));
+    assert!(counted >= 4, "{line}");
+    assert!(
+        line.contains(&format!("source_principal=\"{}\"", id("frontend")))
+            && line.contains("response_code=\"200\"")
+            && line.ends_with(&format!("mTLS from {}", id("waypoint"))),
+        "{line}"
+    );
+    let line = demo_line(e, "demo/frontend → web.demo (nginx)");
+    assert!(
+        line.contains("HTTP 200, \"Welcome to nginx!\"")
+            && line.contains("the waypoint counted 1 request(s) to web.demo.svc.cluster.local"),
+        "{line}"
+    );
+    // (f) the canary route: every x-canary request on v2; 90/10 within ±6 points over 400.
+    let f = demo_step(&stdout, 'f');
+    let line = demo_line(f, "demo/frontend → echo.demo with `x-canary: yes`");
+    assert!(
+        line.ends_with("50/50 answered by echo-v2 (100 %)"),
+        "{line}"
+    );
+    let line = demo_line(f, "demo/frontend → echo.demo, 400 requests");
+    let count_of = |version: &str| -> f64 {
+        line.split_once(&format!("echo-{version} "))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {version} count in {line}"))
+    };
+    let (v1, v2) = (count_of("v1"), count_of("v2"));
+    assert_eq!(v1 + v2, 400.0, "{line}");
+    assert!((v1 / 4.0 - 90.0).abs() <= 6.0, "{line}");
+    // (g) L7 policy at the waypoint (403 naming the policy), L4 policy at the ztunnels.
+    let g = demo_step(&stdout, 'g');
+    let line = demo_line(g, "demo/batch → GET echo.demo/api/items");
+    assert!(
+        line.contains("[403, 403, 403, 403] \"RBAC: access denied\"")
+            && line.contains("demo/echo-api-frontend-only"),
+        "{line}"
+    );
+    assert!(
+        demo_line(g, "demo/frontend → GET echo.demo/api/items").ends_with("[200, 200, 200, 200]"),
+        "{g}"
+    );
+    assert!(
+        demo_line(g, "demo/frontend → GET echo.demo/admin").contains("[403, 403]"),
+        "{g}"
+    );
+    let direct = |client: &str| {
+        g.lines()
+            .find(|l| {
+                l.trim_start()
+                    .starts_with(&format!("{client} → pod echo-v1-"))
+            })
+            .unwrap_or_else(|| panic!("no direct line for {client}: {g}"))
+    };
+    assert!(
+        direct("demo/batch").ends_with(&format!(
+            "refused: the server's ztunnel denied identity {}",
+            id("batch")
+        )),
+        "{g}"
+    );
+    assert!(direct("demo/frontend").contains("4/4 answered"), "{g}");
+    // (h) the waypoint gone: L4 only again, without restarts.
+    let h = demo_step(&stdout, 'h');
+    assert!(
+        demo_line(h, "demo/frontend → echo.demo").ends_with(&format!(
+            "mTLS through ztunnel, client identity {}",
+            id("frontend")
+        )),
+        "{h}"
+    );
+    assert!(
+        demo_line(h, "demo/batch → echo.demo").contains("0/4 answered — refused"),
+        "{h}"
+    );
+    assert!(
+        h.contains("waypoint pods left in demo: 0")
+            && h.contains("through (e)–(h) every app pod kept running (same pod UIDs)"),
+        "{h}"
+    );
+    // Pods have their own hostname, as on Kubernetes.
+    let out = cluster.exec("demo", "frontend", &["hostname"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "frontend");
+
     // The cluster agrees with the report: enrolled pods, the policy objects, the ztunnels'
     // counters and the inspection commands.
     for pod in cluster.pods(Some("demo")).unwrap() {
@@ -1681,7 +1783,7 @@ fn the_demo_reports_what_the_cluster_did() {
     let weft_json = |args: &[&str]| -> Value {
         let out = Command::new(WEFT)
             .args(args)
-            .args(["--name", name, "-o", "json"])
+            .args(["--cluster", name, "-o", "json"])
             .output()
             .unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -1748,18 +1850,18 @@ fn the_demo_reports_what_the_cluster_did() {
 
     // A second demo while this one is up says what to do.
     let again = Command::new(WEFT)
-        .args(["demo", "--name", name])
+        .args(["demo", "--cluster", name])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert_eq!(again.status.code(), Some(1));
     assert!(
-        stderr.contains("already up") && stderr.contains("weft demo down --name t-demo"),
+        stderr.contains("already up") && stderr.contains("weft demo down --cluster t-demo"),
         "{stderr}"
     );
     // `weft demo down` removes everything.
     let down = Command::new(WEFT)
-        .args(["demo", "down", "--name", name])
+        .args(["demo", "down", "--cluster", name])
         .output()
         .unwrap();
     assert!(down.status.success(), "{down:?}");
@@ -1767,7 +1869,7 @@ fn the_demo_reports_what_the_cluster_did() {
 
     // Ctrl-C in the middle of the demo, then `weft demo down`: nothing left behind.
     let mut demo = Command::new(WEFT)
-        .args(["demo", "--name", name])
+        .args(["demo", "--cluster", name])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1786,7 +1888,7 @@ fn the_demo_reports_what_the_cluster_did() {
     .unwrap();
     let _ = demo.wait();
     let down = Command::new(WEFT)
-        .args(["demo", "down", "--name", name])
+        .args(["demo", "down", "--cluster", name])
         .output()
         .unwrap();
     assert!(down.status.success(), "{down:?}");

@@ -390,7 +390,7 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
 
     // `weft proxy-status` lists the waypoint beside the ztunnels.
     let out = Command::new(WEFT)
-        .args(["proxy-status", "--name", cluster.layout().name()])
+        .args(["proxy-status", "--cluster", cluster.layout().name()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -406,7 +406,7 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
             "services",
             "-o",
             "json",
-            "--name",
+            "--cluster",
             cluster.layout().name(),
         ])
         .output()

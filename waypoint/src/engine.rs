@@ -265,9 +265,13 @@ pub enum Denied {
     /// A DENY policy matched.
     #[error("denied by policy {0}")]
     Policy(String),
-    /// ALLOW policies apply and none matched.
-    #[error("no ALLOW policy matched")]
-    NotAllowed,
+    /// ALLOW policies apply and none matched: `policies` are their `"<ns>/<name>"` ids, so
+    /// the access log names what would have had to allow the request.
+    #[error("no ALLOW policy matched (ALLOW policies: {})", policies.join(", "))]
+    NotAllowed {
+        /// The ALLOW policies that applied to the request, by resource name.
+        policies: Vec<String>,
+    },
 }
 
 /// The L7 authorization policies of a waypoint, by resource name.
@@ -314,7 +318,7 @@ impl PolicySet {
     ///
     /// # Errors
     /// [`Denied::Policy`] (`"<ns>/<name>"` of the first matching DENY policy, by resource
-    /// name) or [`Denied::NotAllowed`] when ALLOW policies apply and none matches.
+    /// name) or [`Denied::NotAllowed`] (naming them) when ALLOW policies apply and none matches.
     pub fn check(&self, facts: &RequestFacts<'_>) -> Result<(), Denied> {
         authz::check(self.policies.values(), facts)
     }

@@ -92,7 +92,7 @@ fn set(policies: &[pb::Policy]) -> PolicySet {
 fn allowed_by(rule: pb::Rule, f: &RequestFacts<'_>) -> bool {
     match set(&[allow("p", vec![rule])]).check(f) {
         Ok(()) => true,
-        Err(Denied::NotAllowed) => false,
+        Err(Denied::NotAllowed { .. }) => false,
         Err(other) => panic!("unexpected {other:?}"),
     }
 }
@@ -145,7 +145,12 @@ fn allow_policies_that_apply_but_do_not_match_deny() {
             })],
         ),
     ]);
-    assert_eq!(s.check(&facts(&h)), Err(Denied::NotAllowed));
+    assert_eq!(
+        s.check(&facts(&h)),
+        Err(Denied::NotAllowed {
+            policies: vec!["ns/from-admin".into(), "ns/post-only".into()]
+        })
+    );
     // Any one ALLOW matching is enough.
     let admin = RequestFacts {
         source_namespace: Some("admin"),
@@ -204,7 +209,9 @@ fn policy_without_rules_matches_nothing_and_empty_rule_matches_all() {
     // ALLOW with no rules applies but never matches: deny-all.
     assert_eq!(
         set(&[allow("none", vec![])]).check(&facts(&h)),
-        Err(Denied::NotAllowed)
+        Err(Denied::NotAllowed {
+            policies: vec!["ns/none".into()]
+        })
     );
     // DENY with no rules never denies.
     assert_eq!(set(&[deny("none", vec![])]).check(&facts(&h)), Ok(()));

@@ -119,6 +119,36 @@ pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command 
     cmd
 }
 
+/// A command that runs `program` as a pod's process: inside `netns` and inside a UTS namespace
+/// of its own whose hostname is `hostname` (the pod's name), as the kubelet gives every pod
+/// (Kubernetes sets a pod's hostname to `metadata.name`). Every container and `exec` of the pod
+/// gets the same hostname this way; only the hostname is private, the file system and the
+/// other namespaces are the host's.
+///
+/// # Errors
+/// When spawned, an error if the UTS namespace cannot be made (needs CAP_SYS_ADMIN) or the
+/// hostname is invalid (longer than 64 bytes).
+pub fn pod_command_in(
+    netns: &str,
+    hostname: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut cmd = command_in(netns, program);
+    let hostname = hostname.to_owned();
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only makes two system calls
+    // (unshare(2), sethostname(2)) on memory allocated before the fork: it allocates nothing,
+    // takes no lock and touches no state another thread could hold.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUTS)?;
+            nix::unistd::sethostname(&hostname)?;
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Creates a named network namespace with its loopback up.
 ///
 /// # Errors

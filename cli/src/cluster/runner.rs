@@ -584,7 +584,7 @@ impl Runner {
         let path = std::env::join_paths(path).map_err(|e| e.to_string())?;
         let mut env = vec![
             ("PATH".to_owned(), path.to_string_lossy().into_owned()),
-            ("HOSTNAME".to_owned(), runtime.key.name.clone()),
+            ("HOSTNAME".to_owned(), super::pod_hostname(object)),
             ("HOME".to_owned(), "/root".to_owned()),
             (
                 token::TOKEN_FILE_ENV.to_owned(),
@@ -657,7 +657,7 @@ impl Runner {
             .open(&log_path)
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = netns::command_in(&runtime.netns, &program);
+        let mut cmd = netns::pod_command_in(&runtime.netns, &super::pod_hostname(object), &program);
         cmd.args(&args)
             .env_clear()
             .envs(env)

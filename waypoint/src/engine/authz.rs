@@ -403,10 +403,12 @@ pub(super) fn check<'p>(
     if allow.peek().is_none() {
         return Ok(());
     }
-    if allow.any(|p| p.matches(facts)) {
+    if allow.clone().any(|p| p.matches(facts)) {
         Ok(())
     } else {
-        Err(Denied::NotAllowed)
+        Err(Denied::NotAllowed {
+            policies: allow.map(|p| p.id.clone()).collect(),
+        })
     }
 }
 
