@@ -34,6 +34,11 @@ fn is_root() -> bool {
 macro_rules! require_root {
     ($name:expr) => {
         if !is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{} needs root (network namespaces) and CI is set: a skip in CI is a failure",
+                $name
+            );
             // Straight to stderr, past the test harness's output capture, so skips show.
             let _ = writeln!(
                 std::io::stderr(),

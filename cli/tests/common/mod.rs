@@ -16,6 +16,10 @@ pub fn root_or_skip(test: &str) -> bool {
     if cluster::is_root() {
         return true;
     }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root (the local cluster) and CI is set: a skip in CI is a failure"
+    );
     eprintln!(
         "SKIPPED {test}: the local cluster needs root (network namespaces); CI runs it as root"
     );

@@ -16,6 +16,10 @@ pub fn root_or_skip(test: &str) -> bool {
         .and_then(|u| u.split_whitespace().nth(1))
         == Some("0");
     if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} needs root (network namespaces) and CI is set: a skip in CI is a failure"
+        );
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED {test}: needs root (network namespaces)"
