@@ -9,6 +9,7 @@
 
 pub mod cni;
 pub mod expansion;
+pub mod kube;
 pub mod layout;
 pub mod netns;
 pub mod network;
@@ -101,6 +102,9 @@ pub enum Error {
     /// No such pod.
     #[error("pod {0} not found")]
     PodNotFound(String),
+    /// The Kubernetes control plane failed.
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -129,6 +133,10 @@ pub struct Options {
     /// Run the mesh on every node: `weft-cni` chained in the CNI config, `weft-cni-agent` and
     /// `ztunnel` in each node netns; default true (needs `control_plane`).
     pub mesh: bool,
+    /// Run the real Kubernetes control plane too (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-scheduler from `scripts/build-kube`) in the control-plane netns, with a host-side
+    /// kubeconfig (`weft cluster kubeconfig`); default false while the e2e suites move to it.
+    pub kubernetes: bool,
 }
 
 impl Options {
@@ -143,6 +151,7 @@ impl Options {
             chained_plugins: Vec::new(),
             control_plane: true,
             mesh: true,
+            kubernetes: false,
         }
     }
 }
@@ -165,6 +174,9 @@ pub struct Description {
     /// Whether every node runs the mesh (CNI agent and ztunnel).
     #[serde(default)]
     pub mesh: bool,
+    /// Whether the real Kubernetes control plane runs (see [`kube`]).
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 /// A running local cluster.
@@ -199,6 +211,12 @@ impl Cluster {
         if layout.cluster_file().exists() || !network::namespaces(&layout).is_empty() {
             return Err(Error::AlreadyExists(options.name.clone()));
         }
+        if options.kubernetes {
+            // Fail before anything is made when Kubernetes is not installed.
+            for name in kube::PROGRAMS.iter().chain(&["kubectl"]) {
+                kube::program(name)?;
+            }
+        }
         let weft_exe = match &options.weft_exe {
             Some(exe) => exe.clone(),
             None => std::env::current_exe().map_err(io("finding the weft executable"))?,
@@ -218,6 +236,7 @@ impl Cluster {
                 .collect(),
             control_plane: options.control_plane,
             mesh: options.mesh && options.control_plane,
+            kubernetes: options.kubernetes,
         };
         std::fs::create_dir_all(layout.state_dir())
             .map_err(io(format!("creating {}", layout.state_dir().display())))?;
@@ -279,6 +298,9 @@ impl Cluster {
             self.store.update_status(&key, status)?;
         }
 
+        if options.kubernetes {
+            self.start_kubernetes(weft_exe)?;
+        }
         if options.control_plane {
             self.start_control_plane()?;
         }
@@ -322,6 +344,66 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Starts the real Kubernetes control plane and the host-side apiserver forwarder, and
+    /// waits until `kubectl` works through it.
+    fn start_kubernetes(&self, weft_exe: &Path) -> Result<(), Error> {
+        let layout = &self.layout;
+        let paths = kube::Paths::new(layout);
+        kube::create_pki(&paths)?;
+        kube::start(layout)?;
+        let log = std::fs::File::create(paths.log("apiserver-proxy"))
+            .map_err(io("creating the apiserver proxy log"))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io("creating the apiserver proxy log"))?;
+        let child = Command::new(weft_exe)
+            .args([
+                "cluster",
+                "apiserver-proxy",
+                "--cluster",
+                layout.name(),
+                "--state-dir",
+            ])
+            .arg(layout.state_dir())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(io(format!(
+                "starting {} cluster apiserver-proxy",
+                weft_exe.display()
+            )))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !paths.proxy_port_file().exists() {
+            if Instant::now() > deadline || !process_alive(child.id() as i32) {
+                let log = std::fs::read_to_string(paths.log("apiserver-proxy")).unwrap_or_default();
+                return Err(Error::Runner(format!(
+                    "the apiserver proxy did not start: {}",
+                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The host-side admin kubeconfig of a cluster started with [`Options::kubernetes`].
+    ///
+    /// # Errors
+    /// [`Error::Runner`] when the cluster runs no Kubernetes control plane.
+    pub fn kubeconfig_path(&self) -> Result<PathBuf, Error> {
+        let path = kube::Paths::new(&self.layout).kubeconfig("admin");
+        if self.description.kubernetes && path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::Runner(format!(
+                "cluster {:?} runs no Kubernetes control plane (start it with `weft cluster up --kubernetes`)",
+                self.layout.name()
+            )))
+        }
     }
 
     /// Stops the control plane (SIGTERM, SIGKILL after 10 s): a controller outage. Node
@@ -1010,7 +1092,7 @@ pub fn pod_ready(pod: &Object) -> bool {
         .any(|c| c["type"] == "Ready" && c["status"] == "True")
 }
 
-/// PIDs of runner daemons of this cluster: from the pid file and from a scan of `/proc` (a
+/// PIDs of the host-side daemons of this cluster (the runner, the apiserver proxy): from the pid file and from a scan of `/proc` (a
 /// killed `up` may not have written the file).
 fn runner_pids(layout: &Layout) -> Vec<i32> {
     let mut pids = Vec::new();
@@ -1029,7 +1111,7 @@ fn runner_pids(layout: &Layout) -> Vec<i32> {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let is_runner = args
             .windows(2)
-            .any(|w| w == [&b"cluster"[..], &b"runner"[..]])
+            .any(|w| w[0] == b"cluster" && (w[1] == b"runner" || w[1] == b"apiserver-proxy"))
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--cluster" && w[1] == layout.name().as_bytes());
@@ -1052,6 +1134,20 @@ fn stop_process(pid: i32) {
     if process_alive(pid) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
+}
+
+/// Entry point of the `weft cluster apiserver-proxy` daemon: the host-side forwarder to the
+/// cluster's kube-apiserver, until killed.
+///
+/// # Errors
+/// [`Error::NotFound`], or [`Error::Kube`] when it cannot listen.
+pub fn run_apiserver_proxy(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
+    let cluster = Cluster::open(name, state_dir)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting the apiserver proxy runtime"))?;
+    Ok(runtime.block_on(kube::run_apiserver_proxy(&cluster.layout))?)
 }
 
 /// Entry point of the `weft cluster runner` daemon: runs the runner for an existing cluster until
@@ -1111,6 +1207,7 @@ mod tests {
                 program_dirs: Vec::new(),
                 control_plane: true,
                 mesh: true,
+                kubernetes: false,
             },
             layout,
         };

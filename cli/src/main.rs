@@ -213,6 +213,10 @@ enum ClusterCommand {
         /// Directory holding the CNI plugins.
         #[arg(long, default_value = cluster::layout::DEFAULT_CNI_BIN_DIR)]
         cni_bin_dir: PathBuf,
+        /// Also run the real Kubernetes control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler; installed by scripts/install-deps).
+        #[arg(long)]
+        kubernetes: bool,
     },
     /// Stop everything and remove every namespace, rule, process and file of the cluster.
     Down {
@@ -304,6 +308,25 @@ enum ClusterCommand {
         #[command(flatten)]
         old: OldClusterName,
     },
+    /// Print the admin kubeconfig of a cluster started with `--kubernetes` (for kubectl and
+    /// helm on this machine: its server is a forwarder on 127.0.0.1).
+    Kubeconfig {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
+        /// Print the kubeconfig file's path instead of its content.
+        #[arg(long)]
+        path: bool,
+    },
+    /// The host-side forwarder to the cluster's kube-apiserver (started by `up --kubernetes`).
+    #[command(hide = true)]
+    ApiserverProxy {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        old: OldClusterName,
+    },
 }
 
 fn main() -> ExitCode {
@@ -352,7 +375,9 @@ fn old_cluster_name(command: &Command) -> Option<&OldClusterName> {
             | ClusterCommand::Label { old, .. }
             | ClusterCommand::Exec { old, .. }
             | ClusterCommand::Logs { old, .. }
-            | ClusterCommand::Runner { old, .. } => old,
+            | ClusterCommand::Runner { old, .. }
+            | ClusterCommand::Kubeconfig { old, .. }
+            | ClusterCommand::ApiserverProxy { old, .. } => old,
         }),
         Command::Waypoint { .. } => None,
     }
@@ -423,6 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             nodes,
             cni_bin_dir,
+            kubernetes,
             ..
         } => {
             tracing_subscriber::fmt()
@@ -433,6 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options.nodes = nodes;
             options.state_dir = target.state_dir;
             options.plugin_dirs = vec![cni_bin_dir];
+            options.kubernetes = kubernetes;
             let cluster = Cluster::up(&options)?;
             println!(
                 "cluster {} is up: {} nodes, state in {}",
@@ -530,6 +557,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_env_filter("info")
                 .init();
             cluster::run_runner(&target.cluster, target.state_dir.as_deref())?;
+        }
+        ClusterCommand::Kubeconfig { target, path, .. } => {
+            let kubeconfig = open(&target)?.kubeconfig_path()?;
+            if path {
+                println!("{}", kubeconfig.display());
+            } else {
+                let text = std::fs::read_to_string(&kubeconfig)
+                    .with_context(|| format!("reading {}", kubeconfig.display()))?;
+                print!("{text}");
+            }
+        }
+        ClusterCommand::ApiserverProxy { target, .. } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter("info")
+                .init();
+            cluster::run_apiserver_proxy(&target.cluster, target.state_dir.as_deref())?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,274 @@
+//! The local cluster's real Kubernetes control plane (`weft cluster up --kubernetes`): etcd,
+//! kube-apiserver, kube-controller-manager and kube-scheduler built from their Go modules,
+//! reached from the host through `weft cluster kubeconfig`. Needs root and the binaries
+//! `scripts/install-deps` builds.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{WEFT, root_or_skip, wait_until};
+use serde_json::Value;
+use weft::cluster::{self, Cluster, Options, kube};
+
+/// `kubectl --kubeconfig <kc> <args>` on the host; (success, stdout, stderr).
+fn kubectl(kubeconfig: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(kube::program("kubectl").expect("kubectl installed"));
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("kubectl runs");
+    let mut pipe = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        pipe.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(pipe);
+    let out = child.wait_with_output().expect("kubectl output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(kubeconfig: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out, err) = kubectl(kubeconfig, &all, None);
+    assert!(ok, "kubectl {args:?}: {err}");
+    serde_json::from_str(&out).expect("kubectl -o json")
+}
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: nobody, namespace: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: weft/echo
+        command: [weft-echo]
+"#;
+
+#[test]
+fn a_real_control_plane_serves_the_cluster_through_kubectl() {
+    if !root_or_skip("a_real_control_plane_serves_the_cluster_through_kubectl") {
+        return;
+    }
+    let name = "kube-cp";
+    let _ = Cluster::down(name, None);
+    let mut options = Options::new(name);
+    options.nodes = 1;
+    options.weft_exe = Some(WEFT.into());
+    options.control_plane = false;
+    options.mesh = false;
+    options.kubernetes = true;
+    let up = Cluster::up(&options).expect("cluster up --kubernetes");
+    let guard = common::TestCluster(up);
+
+    // The kubeconfig `weft cluster kubeconfig` prints works from the host (through the
+    // loopback forwarder) and authenticates with a client certificate of the cluster CA.
+    let out = Command::new(WEFT)
+        .args(["cluster", "kubeconfig", "--cluster", name, "--path"])
+        .output()
+        .expect("weft cluster kubeconfig");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kc = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let text = std::fs::read_to_string(&kc).expect("kubeconfig file");
+    assert!(text.contains("server: https://127.0.0.1:"), "{text}");
+    let (ok, ready, err) = kubectl(&kc, &["get", "--raw", "/readyz"], None);
+    assert!(ok && ready.trim() == "ok", "readyz: {ready} {err}");
+    let (ok, version, err) = kubectl(&kc, &["version", "-o", "json"], None);
+    assert!(ok, "{err}");
+    let version: Value = serde_json::from_str(&version).expect("version json");
+    assert_eq!(version["serverVersion"]["gitVersion"], kube::KUBE_VERSION);
+
+    // The apiserver owns the service range: `kubernetes` has its first address.
+    let svc = json(&kc, &["get", "service", "kubernetes", "-n", "default"]);
+    assert_eq!(svc["spec"]["clusterIP"], "10.96.0.1");
+
+    // kube-controller-manager: the Deployment gets a ReplicaSet and two Pods, the namespace a
+    // `default` ServiceAccount and the root CA ConfigMap.
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(APP));
+    assert!(ok, "apply: {err}");
+    wait_until(
+        "2 pods of the echo ReplicaSet",
+        Duration::from_secs(30),
+        || {
+            let pods = json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"]);
+            let items = pods["items"].as_array().cloned().unwrap_or_default();
+            items.len() == 2
+                && items
+                    .iter()
+                    .all(|p| p["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet")
+        },
+    );
+    wait_until(
+        "ServiceAccount default and kube-root-ca.crt in shop",
+        Duration::from_secs(30),
+        || {
+            kubectl(
+                &kc,
+                &["get", "serviceaccount", "default", "-n", "shop"],
+                None,
+            )
+            .0 && kubectl(
+                &kc,
+                &["get", "configmap", "kube-root-ca.crt", "-n", "shop"],
+                None,
+            )
+            .0
+        },
+    );
+
+    // kube-scheduler: with no Node registered, it marks the pods unschedulable.
+    wait_until(
+        "the scheduler reports the pods unschedulable",
+        Duration::from_secs(30),
+        || {
+            let pods = json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"]);
+            pods["items"].as_array().is_some_and(|items| {
+                items.iter().all(|p| {
+                    p["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c["type"] == "PodScheduled"
+                                && c["status"] == "False"
+                                && c["reason"] == "Unschedulable"
+                        })
+                    })
+                })
+            })
+        },
+    );
+
+    // ServiceAccount tokens (TokenRequest API) authenticate, and RBAC decides: a ServiceAccount
+    // with no role may not list pods, and the refusal names who and what. A token bound to
+    // another audience (the CA's) is not accepted by the API at all.
+    let token_for = |audience: Option<&str>| {
+        let mut args = vec!["create", "token", "nobody", "-n", "shop"];
+        args.extend(audience.map(|a| ["--audience", a]).into_iter().flatten());
+        let (ok, token, err) = kubectl(&kc, &args, None);
+        assert!(ok, "create token: {err}");
+        token.trim().to_owned()
+    };
+    // A kubeconfig with only the token (kubectl would otherwise also present the admin's client
+    // certificate, which the apiserver checks first).
+    let as_token = |token: &str| {
+        let mut doc: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&kc).expect("kubeconfig")).expect("yaml");
+        doc["users"][0]["user"] = serde_json::json!({ "token": token });
+        let path = format!("{kc}.token");
+        std::fs::write(&path, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+        let out = kubectl(&path, &["get", "pods", "-n", "shop"], None);
+        let _ = std::fs::remove_file(&path);
+        out
+    };
+    let (ok, _, err) = as_token(&token_for(None));
+    assert!(!ok, "a ServiceAccount without a role listed pods");
+    assert!(
+        err.contains("system:serviceaccount:shop:nobody")
+            && err.contains("cannot list resource \"pods\""),
+        "{err}"
+    );
+    let token = token_for(Some("istio-ca"));
+    let (ok, _, err) = as_token(&token);
+    assert!(
+        !ok && err.contains("Unauthorized"),
+        "an istio-ca token used on the API: {err}"
+    );
+    // TokenReview checks the token and its audience, as the CA will.
+    let review = format!(
+        r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{{"token":"{token}","audiences":["istio-ca"]}}}}"#
+    );
+    let (ok, out, err) = kubectl(&kc, &["create", "-o", "json", "-f", "-"], Some(&review));
+    assert!(ok, "tokenreview: {err}");
+    let review: Value = serde_json::from_str(&out).expect("review json");
+    assert_eq!(review["status"]["authenticated"], true, "{review}");
+    assert_eq!(
+        review["status"]["user"]["username"],
+        "system:serviceaccount:shop:nobody"
+    );
+    let wrong = format!(
+        r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{{"token":"{token}","audiences":["someone-else"]}}}}"#
+    );
+    let (ok, out, err) = kubectl(&kc, &["create", "-o", "json", "-f", "-"], Some(&wrong));
+    assert!(ok, "tokenreview: {err}");
+    let wrong: Value = serde_json::from_str(&out).expect("review json");
+    assert_ne!(
+        wrong["status"]["authenticated"], true,
+        "wrong audience accepted: {wrong}"
+    );
+
+    // Down removes the control plane with everything else: no process, no forwarder.
+    let layout = guard.layout().clone();
+    let port: u16 = std::fs::read_to_string(kube::Paths::new(&layout).proxy_port_file())
+        .expect("port file")
+        .trim()
+        .parse()
+        .expect("port");
+    drop(guard);
+    assert!(cluster::network::namespaces(&layout).is_empty());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the apiserver forwarder still listens on 127.0.0.1:{port}"
+    );
+}
+
+#[test]
+fn up_without_kubernetes_installed_says_how_to_install_it_and_leaves_nothing() {
+    if !root_or_skip("up_without_kubernetes_installed_says_how_to_install_it_and_leaves_nothing") {
+        return;
+    }
+    let name = "kube-missing";
+    let _ = Cluster::down(name, None);
+    // The binaries are looked up in $WEFT_KUBE_BIN_DIR: point it at an empty directory, in a
+    // child process so this test's environment stays as it is.
+    let empty = std::env::temp_dir().join("weft-kube-empty-bin");
+    std::fs::create_dir_all(&empty).expect("empty dir");
+    let out = Command::new(WEFT)
+        .args([
+            "cluster",
+            "up",
+            "--kubernetes",
+            "--nodes",
+            "1",
+            "--cluster",
+            name,
+        ])
+        .env("WEFT_KUBE_BIN_DIR", &empty)
+        .output()
+        .expect("weft cluster up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up succeeded without Kubernetes");
+    assert!(
+        err.contains("not found in") && err.contains("scripts/install-deps"),
+        "{err}"
+    );
+    let layout = cluster::Layout::new(name, None).expect("layout");
+    assert!(
+        cluster::network::namespaces(&layout).is_empty(),
+        "namespaces left behind"
+    );
+    assert!(!layout.state_dir().exists(), "state dir left behind");
+}
