@@ -10,9 +10,11 @@
 pub mod cni;
 pub mod expansion;
 pub mod kube;
+pub mod kubelet;
 pub mod layout;
 pub mod netns;
 pub mod network;
+pub mod pod;
 pub mod proxy;
 pub mod runner;
 pub mod token;
@@ -300,6 +302,9 @@ impl Cluster {
 
         if options.kubernetes {
             self.start_kubernetes(weft_exe)?;
+            for node in 1..=options.nodes {
+                self.start_kubelet(weft_exe, node)?;
+            }
         }
         if options.control_plane {
             self.start_control_plane()?;
@@ -351,7 +356,7 @@ impl Cluster {
     fn start_kubernetes(&self, weft_exe: &Path) -> Result<(), Error> {
         let layout = &self.layout;
         let paths = kube::Paths::new(layout);
-        kube::create_pki(&paths)?;
+        kube::create_pki(&paths, self.description.nodes)?;
         kube::start(layout)?;
         let log = std::fs::File::create(paths.log("apiserver-proxy"))
             .map_err(io("creating the apiserver proxy log"))?;
@@ -386,6 +391,45 @@ impl Cluster {
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts node `node`'s netns kubelet ([`kubelet`]) in the node's namespace and waits until
+    /// it has registered its Node and serves.
+    fn start_kubelet(&self, weft_exe: &Path, node: u8) -> Result<(), Error> {
+        let layout = &self.layout;
+        let ready = layout.node_dir(node).join(kubelet::READY_FILE);
+        let _ = std::fs::remove_file(&ready);
+        let log = layout.node_dir(node).join("kubelet.log");
+        std::fs::create_dir_all(layout.node_dir(node))
+            .map_err(io(format!("creating {}", layout.node_dir(node).display())))?;
+        let pid = self.spawn_in(
+            &layout.node_netns(node),
+            weft_exe,
+            &[
+                "cluster".into(),
+                "kubelet".into(),
+                "--cluster".into(),
+                layout.name().to_owned(),
+                "--state-dir".into(),
+                layout.state_dir().display().to_string(),
+                "--node".into(),
+                node.to_string(),
+            ],
+            &log,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if Instant::now() > deadline || !process_alive(pid as i32) {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(Error::Runner(format!(
+                    "the kubelet of {} did not start: {}",
+                    layout::node_name(node),
+                    text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
@@ -1156,9 +1200,45 @@ pub fn run_apiserver_proxy(name: &str, state_dir: Option<&Path>) -> Result<(), E
 /// # Errors
 /// [`Error::NotFound`] or [`Error::Io`].
 pub fn run_runner(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
+    let cluster = Cluster::open(name, state_dir)?;
+    let stop = stop_on_signal()?;
+    let config = runner::Config {
+        layout: cluster.layout.clone(),
+        nodes: cluster.description.nodes,
+        plugin_dirs: cluster.description.plugin_dirs.clone(),
+        program_dirs: cluster.description.program_dirs.clone(),
+        tick: Duration::from_millis(200),
+    };
+    runner::run(config, &stop).map_err(|e| Error::Runner(e.to_string()))
+}
+
+/// Entry point of the `weft cluster kubelet` daemon (started by `up --kubernetes` in node
+/// `node`'s namespace): runs the node's kubelet until SIGTERM/SIGINT.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::Io`] or the kubelet's error.
+pub fn run_kubelet(name: &str, state_dir: Option<&Path>, node: u8) -> Result<(), Error> {
+    let cluster = Cluster::open(name, state_dir)?;
+    if !(1..=cluster.description.nodes).contains(&node) {
+        return Err(Error::Nodes(node));
+    }
+    let stop = stop_on_signal()?;
+    let config = kubelet::Config {
+        kubeconfig: kube::Paths::new(&cluster.layout)
+            .kubeconfig(&kube::kubelet_kubeconfig_name(node)),
+        layout: cluster.layout.clone(),
+        node,
+        plugin_dirs: cluster.description.plugin_dirs.clone(),
+        program_dirs: cluster.description.program_dirs.clone(),
+        tick: Duration::from_millis(200),
+    };
+    kubelet::run(config, &stop).map_err(|e| Error::Runner(crate::echo::error_message(&e)))
+}
+
+/// A flag set once SIGTERM or SIGINT arrives (watched by a thread of its own).
+fn stop_on_signal() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, Error> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let cluster = Cluster::open(name, state_dir)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let signals = tokio::runtime::Builder::new_current_thread()
@@ -1181,14 +1261,7 @@ pub fn run_runner(name: &str, state_dir: Option<&Path>) -> Result<(), Error> {
             flag.store(true, Ordering::SeqCst);
         });
     });
-    let config = runner::Config {
-        layout: cluster.layout.clone(),
-        nodes: cluster.description.nodes,
-        plugin_dirs: cluster.description.plugin_dirs.clone(),
-        program_dirs: cluster.description.program_dirs.clone(),
-        tick: Duration::from_millis(200),
-    };
-    runner::run(config, &stop).map_err(|e| Error::Runner(e.to_string()))
+    Ok(stop)
 }
 
 #[cfg(test)]

@@ -217,6 +217,9 @@ enum ClusterCommand {
         /// kube-controller-manager, kube-scheduler; installed by scripts/install-deps).
         #[arg(long)]
         kubernetes: bool,
+        /// Run no mesh: no controller, CNI agent or ztunnel (a plain cluster).
+        #[arg(long)]
+        no_mesh: bool,
     },
     /// Stop everything and remove every namespace, rule, process and file of the cluster.
     Down {
@@ -319,6 +322,17 @@ enum ClusterCommand {
         #[arg(long)]
         path: bool,
     },
+    /// A node's netns kubelet (started by `up --kubernetes` in the node's namespace).
+    #[command(hide = true)]
+    Kubelet {
+        #[command(flatten)]
+        target: Target,
+        /// The node's number (1 = node-1).
+        #[arg(long)]
+        node: u8,
+        #[command(flatten)]
+        old: OldClusterName,
+    },
     /// The host-side forwarder to the cluster's kube-apiserver (started by `up --kubernetes`).
     #[command(hide = true)]
     ApiserverProxy {
@@ -377,6 +391,7 @@ fn old_cluster_name(command: &Command) -> Option<&OldClusterName> {
             | ClusterCommand::Logs { old, .. }
             | ClusterCommand::Runner { old, .. }
             | ClusterCommand::Kubeconfig { old, .. }
+            | ClusterCommand::Kubelet { old, .. }
             | ClusterCommand::ApiserverProxy { old, .. } => old,
         }),
         Command::Waypoint { .. } => None,
@@ -449,6 +464,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nodes,
             cni_bin_dir,
             kubernetes,
+            no_mesh,
             ..
         } => {
             tracing_subscriber::fmt()
@@ -460,6 +476,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options.state_dir = target.state_dir;
             options.plugin_dirs = vec![cni_bin_dir];
             options.kubernetes = kubernetes;
+            options.control_plane = !no_mesh;
+            options.mesh = !no_mesh;
             let cluster = Cluster::up(&options)?;
             println!(
                 "cluster {} is up: {} nodes, state in {}",
@@ -567,6 +585,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("reading {}", kubeconfig.display()))?;
                 print!("{text}");
             }
+        }
+        ClusterCommand::Kubelet { target, node, .. } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter("info")
+                .init();
+            cluster::run_kubelet(&target.cluster, target.state_dir.as_deref(), node)?;
         }
         ClusterCommand::ApiserverProxy { target, .. } => {
             tracing_subscriber::fmt()

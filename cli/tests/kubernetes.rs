@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{WEFT, root_or_skip, wait_until};
+use common::{WEFT, http_get_in, root_or_skip, wait_until};
 use serde_json::Value;
 use weft::cluster::{self, Cluster, Options, kube};
 
@@ -64,7 +64,23 @@ spec:
       containers:
       - name: echo
         image: weft/echo
-        command: [weft-echo]
+        command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /healthz, port: http}}
+      terminationGracePeriodSeconds: 5
+"#;
+
+/// Applied once the namespace's `default` ServiceAccount exists (admission requires it for a
+/// bare Pod; a ReplicaSet just retries).
+const NOWHERE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: nowhere, namespace: shop}
+spec:
+  nodeSelector: {weft.dev/no-such-node: "true"}
+  containers: [{name: c, image: none, command: [sleep, infinity]}]
 "#;
 
 #[test]
@@ -75,7 +91,7 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
     let name = "kube-cp";
     let _ = Cluster::down(name, None);
     let mut options = Options::new(name);
-    options.nodes = 1;
+    options.nodes = 2;
     options.weft_exe = Some(WEFT.into());
     options.control_plane = false;
     options.mesh = false;
@@ -108,22 +124,92 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
     let svc = json(&kc, &["get", "service", "kubernetes", "-n", "default"]);
     assert_eq!(svc["spec"]["clusterIP"], "10.96.0.1");
 
-    // kube-controller-manager: the Deployment gets a ReplicaSet and two Pods, the namespace a
-    // `default` ServiceAccount and the root CA ConfigMap.
+    // Each node's netns kubelet registered its Node: Ready, with its pod CIDR and address, and
+    // renews its Lease.
+    wait_until("2 Ready nodes", Duration::from_secs(30), || {
+        let nodes = json(&kc, &["get", "nodes"]);
+        let items = nodes["items"].as_array().cloned().unwrap_or_default();
+        items.len() == 2
+            && items.iter().all(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+    });
+    for node in 1..=2u8 {
+        let n = json(&kc, &["get", "node", &format!("node-{node}")]);
+        assert_eq!(n["spec"]["podCIDR"], format!("10.244.{node}.0/24"), "{n}");
+        assert_eq!(
+            n["status"]["addresses"][0]["address"],
+            format!("10.240.0.{}", 10 + node)
+        );
+        let lease = json(
+            &kc,
+            &[
+                "get",
+                "lease",
+                "-n",
+                "kube-node-lease",
+                &format!("node-{node}"),
+            ],
+        );
+        assert_eq!(lease["spec"]["holderIdentity"], format!("node-{node}"));
+    }
+
+    // kube-controller-manager makes the Deployment's ReplicaSet and Pods, the scheduler binds
+    // them to nodes, the kubelets run them: Running and Ready (their readiness probe passes),
+    // each with an IP of its node's pod CIDR.
     let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(APP));
     assert!(ok, "apply: {err}");
     wait_until(
-        "2 pods of the echo ReplicaSet",
-        Duration::from_secs(30),
+        "2 Ready pods of the echo ReplicaSet",
+        Duration::from_secs(60),
         || {
             let pods = json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"]);
             let items = pods["items"].as_array().cloned().unwrap_or_default();
             items.len() == 2
-                && items
-                    .iter()
-                    .all(|p| p["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet")
+                && items.iter().all(|p| {
+                    p["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+                        && p["status"]["phase"] == "Running"
+                        && p["status"]["conditions"].as_array().is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                })
         },
     );
+    let pods = json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"]);
+    let pods = pods["items"].as_array().cloned().unwrap_or_default();
+    let layout = guard.layout().clone();
+    for pod in &pods {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        let node: u8 = pod["spec"]["nodeName"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("node-")
+            .parse()
+            .unwrap();
+        let ip = pod["status"]["podIP"].as_str().unwrap();
+        assert!(
+            ip.starts_with(&format!("10.244.{node}.")),
+            "{name} on node-{node} has {ip}"
+        );
+        assert_eq!(pod["status"]["hostIP"], format!("10.240.0.{}", 10 + node));
+        // Reachable from the other node, and it knows its name (env from a fieldRef).
+        let other = if node == 1 { 2 } else { 1 };
+        let answer = http_get_in(
+            &layout.node_netns(other),
+            format!("{ip}:8080").parse().unwrap(),
+            "/",
+        );
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or(&answer))
+            .unwrap_or_else(|_| panic!("echo answer: {answer}"));
+        assert_eq!(body["pod"], name, "{body}");
+    }
+
+    // The controller-manager's other loops: the namespace's `default` ServiceAccount and root
+    // CA ConfigMap.
     wait_until(
         "ServiceAccount default and kube-root-ca.crt in shop",
         Duration::from_secs(30),
@@ -142,21 +228,19 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
         },
     );
 
-    // kube-scheduler: with no Node registered, it marks the pods unschedulable.
+    // kube-scheduler: a pod no node fits stays Pending, marked Unschedulable.
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(NOWHERE));
+    assert!(ok, "apply: {err}");
     wait_until(
-        "the scheduler reports the pods unschedulable",
+        "the scheduler reports pod nowhere unschedulable",
         Duration::from_secs(30),
         || {
-            let pods = json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"]);
-            pods["items"].as_array().is_some_and(|items| {
-                items.iter().all(|p| {
-                    p["status"]["conditions"].as_array().is_some_and(|cs| {
-                        cs.iter().any(|c| {
-                            c["type"] == "PodScheduled"
-                                && c["status"] == "False"
-                                && c["reason"] == "Unschedulable"
-                        })
-                    })
+            let pod = json(&kc, &["get", "pod", "nowhere", "-n", "shop"]);
+            pod["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "PodScheduled"
+                        && c["status"] == "False"
+                        && c["reason"] == "Unschedulable"
                 })
             })
         },
@@ -220,8 +304,43 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
         "wrong audience accepted: {wrong}"
     );
 
+    // Graceful deletion: the kubelets stop the pods (SIGTERM) and delete them for good, their
+    // network namespaces go, and the namespace itself can then be deleted.
+    let uids: Vec<String> = pods
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_owned())
+        .collect();
+    let (ok, _, err) = kubectl(&kc, &["delete", "deployment", "echo", "-n", "shop"], None);
+    assert!(ok, "delete deployment: {err}");
+    wait_until("the echo pods are gone", Duration::from_secs(30), || {
+        json(&kc, &["get", "pods", "-n", "shop", "-l", "app=echo"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    for uid in &uids {
+        assert!(
+            !cluster::netns::exists(&layout.pod_netns(uid)),
+            "pod {uid}'s network namespace is left"
+        );
+    }
+    let (ok, _, err) = kubectl(
+        &kc,
+        &[
+            "delete",
+            "namespace",
+            "shop",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(ok, "delete namespace: {err}");
+    assert!(
+        !kubectl(&kc, &["get", "namespace", "shop"], None).0,
+        "namespace shop is still there"
+    );
+
     // Down removes the control plane with everything else: no process, no forwarder.
-    let layout = guard.layout().clone();
     let port: u16 = std::fs::read_to_string(kube::Paths::new(&layout).proxy_port_file())
         .expect("port file")
         .trim()

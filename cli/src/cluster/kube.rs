@@ -317,12 +317,18 @@ const CLIENTS: [(&str, &str, &[&str]); 3] = [
     ("scheduler", "system:kube-scheduler", &[]),
 ];
 
+/// The kubeconfig name of node `node`'s kubelet (user `system:node:<node>`, group
+/// `system:nodes`, as the Node authorizer expects).
+pub fn kubelet_kubeconfig_name(node: u8) -> String {
+    format!("kubelet-{}", layout::node_name(node))
+}
+
 /// Creates the control plane's keys, certificates and kubeconfigs (in-cluster server
-/// `https://<control-plane IP>:6443`).
+/// `https://<control-plane IP>:6443`), one for each of `nodes` kubelets among them.
 ///
 /// # Errors
 /// [`Error::Pki`] or [`Error::Io`].
-pub fn create_pki(paths: &Paths) -> Result<(), Error> {
+pub fn create_pki(paths: &Paths, nodes: u8) -> Result<(), Error> {
     let pki = paths.pki();
     std::fs::create_dir_all(&pki).map_err(io(format!("creating {}", pki.display())))?;
     let ca = Ca::generate()?;
@@ -363,6 +369,14 @@ pub fn create_pki(paths: &Paths) -> Result<(), Error> {
         write_private(
             &paths.kubeconfig(name),
             &kubeconfig_text(&server, &ca.cert_pem, user, &cert, &key),
+        )?;
+    }
+    for node in 1..=nodes {
+        let user = format!("system:node:{}", layout::node_name(node));
+        let (cert, key) = ca.issue(&user, &["system:nodes"], None)?;
+        write_private(
+            &paths.kubeconfig(&kubelet_kubeconfig_name(node)),
+            &kubeconfig_text(&server, &ca.cert_pem, &user, &cert, &key),
         )?;
     }
     // The host-side admin kubeconfig is written once the forwarder listens (its port).

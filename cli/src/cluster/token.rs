@@ -40,7 +40,8 @@ pub enum Error {
     Register(#[source] store::Error),
 }
 
-/// A service-account token: 64 lowercase hex characters (32 random bytes).
+/// A service-account token: 64 lowercase hex characters (32 random bytes) from [`Token::generate`],
+/// or a JWT from the API ([`Token::from_secret`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
 
@@ -55,6 +56,11 @@ impl Token {
     pub fn generate() -> Self {
         let bytes: [u8; 32] = rand::random();
         Token(hex(&bytes))
+    }
+
+    /// A token issued elsewhere (e.g. a ServiceAccount token from the TokenRequest API).
+    pub fn from_secret(text: String) -> Self {
+        Token(text)
     }
 
     /// The token text, as written to the token file.
