@@ -215,7 +215,11 @@ impl Cluster {
         }
         if options.kubernetes {
             // Fail before anything is made when Kubernetes is not installed.
-            for name in kube::PROGRAMS.iter().chain(&["kubectl"]) {
+            for name in kube::PROGRAMS
+                .iter()
+                .chain(&kube::NODE_PROGRAMS)
+                .chain(&["kubectl"])
+            {
                 kube::program(name)?;
             }
         }
@@ -304,6 +308,7 @@ impl Cluster {
             self.start_kubernetes(weft_exe)?;
             for node in 1..=options.nodes {
                 self.start_kubelet(weft_exe, node)?;
+                self.start_kube_proxy(node)?;
             }
         }
         if options.control_plane {
@@ -404,21 +409,33 @@ impl Cluster {
         let log = layout.node_dir(node).join("kubelet.log");
         std::fs::create_dir_all(layout.node_dir(node))
             .map_err(io(format!("creating {}", layout.node_dir(node).display())))?;
-        let pid = self.spawn_in(
-            &layout.node_netns(node),
-            weft_exe,
-            &[
-                "cluster".into(),
-                "kubelet".into(),
-                "--cluster".into(),
-                layout.name().to_owned(),
-                "--state-dir".into(),
-                layout.state_dir().display().to_string(),
-                "--node".into(),
-                node.to_string(),
-            ],
-            &log,
-        )?;
+        let file =
+            std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let file_err = file.try_clone().map_err(io("creating the kubelet log"))?;
+        // In the node's network namespace but the host's mounts: the pod namespaces it makes
+        // must be visible to the node agent, ztunnel and `weft cluster exec`.
+        let mut cmd = netns::command_setns(&layout.node_netns(node), weft_exe)
+            .map_err(io(format!("opening {}", layout.node_netns(node))))?;
+        cmd.args([
+            "cluster",
+            "kubelet",
+            "--cluster",
+            layout.name(),
+            "--state-dir",
+        ])
+        .arg(layout.state_dir())
+        .args(["--node", &node.to_string()])
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(file_err)
+        .process_group(0);
+        let pid = cmd
+            .spawn()
+            .map_err(io(format!(
+                "starting {} cluster kubelet",
+                weft_exe.display()
+            )))?
+            .id();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready.exists() {
             if Instant::now() > deadline || !process_alive(pid as i32) {
@@ -430,6 +447,26 @@ impl Cluster {
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Starts the real kube-proxy (iptables mode) in node `node`'s namespace: it programs the
+    /// Service VIPs there from the API's Services and EndpointSlices.
+    fn start_kube_proxy(&self, node: u8) -> Result<(), Error> {
+        let layout = &self.layout;
+        let program = kube::program("kube-proxy")?;
+        let args = kube::kube_proxy_args(&kube::Paths::new(layout), node);
+        let log = layout.node_dir(node).join("kube-proxy.log");
+        let pid = self.spawn_in(&layout.node_netns(node), &program, &args, &log)?;
+        std::thread::sleep(Duration::from_millis(200));
+        if !process_alive(pid as i32) {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(Error::Runner(format!(
+                "kube-proxy on {} exited: {}",
+                layout::node_name(node),
+                text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+            )));
         }
         Ok(())
     }

@@ -43,6 +43,30 @@ fn json(kubeconfig: &str, args: &[&str]) -> Value {
     serde_json::from_str(&out).expect("kubectl -o json")
 }
 
+/// `GET /` of weft-echo at `addr` from inside `netns`: the answering pod's name, or the error.
+fn get_pod_name(netns: &str, addr: &str) -> Result<String, String> {
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    cluster::netns::within(netns, move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)
+            .map_err(|e| format!("read: {e}"))?;
+        let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or(""))
+            .map_err(|e| format!("answer {answer:?}: {e}"))?;
+        body["pod"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no pod in {body}"))
+    })
+    .map_err(|e| e.to_string())?
+}
+
 const APP: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -70,6 +94,13 @@ spec:
         ports: [{name: http, containerPort: 8080}]
         readinessProbe: {httpGet: {path: /healthz, port: http}}
       terminationGracePeriodSeconds: 5
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
 "#;
 
 /// Applied once the namespace's `default` ServiceAccount exists (admission requires it for a
@@ -206,6 +237,31 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
         let body: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or(&answer))
             .unwrap_or_else(|_| panic!("echo answer: {answer}"));
         assert_eq!(body["pod"], name, "{body}");
+    }
+
+    // The real kube-proxy (iptables mode, in each node's namespace) serves the Service VIP
+    // from the EndpointSlice the controller-manager keeps: requests from a pod reach both.
+    let svc = json(&kc, &["get", "service", "echo", "-n", "shop"]);
+    let vip = svc["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    assert!(vip.starts_with("10.96."), "{svc}");
+    let client = layout.pod_netns(pods[0]["metadata"]["uid"].as_str().unwrap());
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last_error = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the echo VIP {vip} answered only from {seen:?} in 30 s (last error: {last_error})"
+        );
+        match get_pod_name(&client, &format!("{vip}:80")) {
+            Ok(pod) => {
+                seen.insert(pod);
+            }
+            Err(e) => {
+                last_error = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
 
     // The controller-manager's other loops: the namespace's `default` ServiceAccount and root

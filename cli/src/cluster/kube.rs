@@ -61,6 +61,12 @@ pub const PROGRAMS: [&str; 4] = [
     "kube-scheduler",
 ];
 
+/// The programs each node runs besides its kubelet.
+pub const NODE_PROGRAMS: [&str; 1] = ["kube-proxy"];
+
+/// The pod network of the whole cluster (each node has a /24 of it).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -311,11 +317,31 @@ fn base64_encode(bytes: &[u8]) -> String {
 }
 
 /// The identities of the control plane's own clients: (kubeconfig name, user, groups).
-const CLIENTS: [(&str, &str, &[&str]); 3] = [
+const CLIENTS: [(&str, &str, &[&str]); 4] = [
     ("admin-in-cluster", "weft-admin", &["system:masters"]),
     ("controller-manager", "system:kube-controller-manager", &[]),
     ("scheduler", "system:kube-scheduler", &[]),
+    // Bound to ClusterRole system:node-proxier by the apiserver's bootstrap policy.
+    ("kube-proxy", "system:kube-proxy", &[]),
 ];
+
+/// kube-proxy's command line on node `node`: iptables mode in the node's namespace, named as
+/// its Node; conntrack limits left as the kernel has them (a network namespace cannot set
+/// them); metrics and health on the node's loopback.
+pub fn kube_proxy_args(paths: &Paths, node: u8) -> Vec<String> {
+    vec![
+        format!("--kubeconfig={}", paths.kubeconfig("kube-proxy").display()),
+        format!("--hostname-override={}", layout::node_name(node)),
+        "--proxy-mode=iptables".into(),
+        format!("--cluster-cidr={CLUSTER_CIDR}"),
+        "--conntrack-max-per-core=0".into(),
+        "--conntrack-tcp-timeout-established=0".into(),
+        "--conntrack-tcp-timeout-close-wait=0".into(),
+        "--metrics-bind-address=127.0.0.1:10249".into(),
+        "--healthz-bind-address=127.0.0.1:10256".into(),
+        "--v=1".into(),
+    ]
+}
 
 /// The kubeconfig name of node `node`'s kubelet (user `system:node:<node>`, group
 /// `system:nodes`, as the Node authorizer expects).

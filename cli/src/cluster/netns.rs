@@ -119,6 +119,32 @@ pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command 
     cmd
 }
 
+/// A command that runs `program` in `netns` by `setns(2)` alone: unlike [`command_in`] (`ip
+/// netns exec`, which gives the process a mount namespace of its own) the process keeps the
+/// host's mounts, so the network namespaces it creates (`ip netns add` bind-mounts them under
+/// [`NETNS_DIR`]) are visible to everyone — what a node's kubelet needs.
+///
+/// # Errors
+/// When the namespace cannot be opened.
+pub fn command_setns(
+    netns: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> std::io::Result<Command> {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(Path::new(NETNS_DIR).join(netns))?;
+    let mut cmd = Command::new(program);
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and makes one system call
+    // (setns(2)) on a descriptor opened before the fork: it allocates nothing and takes no lock.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 /// A command that runs `program` as a pod's process: inside `netns` and inside a UTS namespace
 /// of its own whose hostname is `hostname` (the pod's name), as the kubelet gives every pod
 /// (Kubernetes sets a pod's hostname to `metadata.name`). Every container and `exec` of the pod
