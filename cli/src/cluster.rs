@@ -347,9 +347,7 @@ impl Cluster {
         while !ready.exists() {
             if Instant::now() > deadline || !process_alive(child.id() as i32) {
                 let log = std::fs::read_to_string(layout.runner_log()).unwrap_or_default();
-                return Err(Error::Runner(
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
-                ));
+                return Err(Error::Runner(log_tail(&log)));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -392,7 +390,7 @@ impl Cluster {
                 let log = std::fs::read_to_string(paths.log("apiserver-proxy")).unwrap_or_default();
                 return Err(Error::Runner(format!(
                     "the apiserver proxy did not start: {}",
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    log_tail(&log)
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -443,7 +441,7 @@ impl Cluster {
                 return Err(Error::Runner(format!(
                     "the kubelet of {} did not start: {}",
                     layout::node_name(node),
-                    text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    log_tail(&text)
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -465,7 +463,7 @@ impl Cluster {
             return Err(Error::Runner(format!(
                 "kube-proxy on {} exited: {}",
                 layout::node_name(node),
-                text.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                log_tail(&text)
             )));
         }
         Ok(())
@@ -570,7 +568,7 @@ impl Cluster {
                     .unwrap_or_default();
                 return Err(Error::Runner(format!(
                     "{CONTROLLER_PROGRAM} did not start: {}",
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    log_tail(&log)
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -700,7 +698,7 @@ impl Cluster {
                 return Err(Error::Runner(format!(
                     "weft-cni-agent on {} did not start: {}",
                     layout::node_name(node),
-                    log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    log_tail(&log)
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -1270,6 +1268,37 @@ pub fn run_kubelet(name: &str, state_dir: Option<&Path>, node: u8) -> Result<(),
         tick: Duration::from_millis(200),
     };
     kubelet::run(config, &stop).map_err(|e| Error::Runner(crate::echo::error_message(&e)))
+}
+
+/// The last five lines of a daemon's log that are not backtrace frames, newest first,
+/// for an error message.
+fn log_tail(log: &str) -> String {
+    log.lines()
+        .rev()
+        .filter(|l| {
+            // Backtrace frames are `  N: symbol` and `      at file:line`.
+            let t = l.trim_start();
+            let frame = t.starts_with("at ")
+                || t.split_once(": ")
+                    .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()));
+            let indented = t.len() < l.len();
+            !(t.is_empty() || (frame && indented) || t == "Stack backtrace:")
+        })
+        .take(5)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[cfg(test)]
+mod log_tail_tests {
+    #[test]
+    fn the_log_tail_skips_backtrace_frames() {
+        let log = "starting\nError: ca persistence\n\nCaused by:\n    namespaces \"istio-system\" not found\n  31: _start\n";
+        assert_eq!(
+            super::log_tail(log),
+            "    namespaces \"istio-system\" not found | Caused by: | Error: ca persistence | starting"
+        );
+    }
 }
 
 /// A flag set once SIGTERM or SIGINT arrives (watched by a thread of its own).
