@@ -112,6 +112,30 @@ metadata: {name: nowhere, namespace: shop}
 spec:
   nodeSelector: {weft.dev/no-such-node: "true"}
   containers: [{name: c, image: none, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-the-node, namespace: shop}
+spec:
+  hostNetwork: true
+  containers:
+  - name: echo
+    image: weft/echo
+    command: [weft-echo, serve, --http-port, "18080", --tcp-port, "19000"]
+    env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher, namespace: shop}
+spec:
+  containers: [{name: c, image: none, command: [sh, -c, "exit 3"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once, namespace: shop}
+spec:
+  restartPolicy: Never
+  containers: [{name: c, image: none, command: [sh, -c, "exit 0"]}]
 "#;
 
 #[test]
@@ -359,6 +383,42 @@ fn a_real_control_plane_serves_the_cluster_through_kubectl() {
         wrong["status"]["authenticated"], true,
         "wrong audience accepted: {wrong}"
     );
+
+    // hostNetwork: the pod runs in its node's namespace, with the node's IP.
+    wait_until("pod on-the-node runs", Duration::from_secs(30), || {
+        json(&kc, &["get", "pod", "on-the-node", "-n", "shop"])["status"]["phase"] == "Running"
+    });
+    let pod = json(&kc, &["get", "pod", "on-the-node", "-n", "shop"]);
+    assert_eq!(pod["status"]["podIP"], pod["status"]["hostIP"], "{pod}");
+    let node: u8 = pod["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    let other = if node == 1 { 2 } else { 1 };
+    let host_ip = pod["status"]["hostIP"].as_str().unwrap().to_owned();
+    wait_until(
+        "on-the-node answers on its node's IP",
+        Duration::from_secs(10),
+        || {
+            get_pod_name(&layout.node_netns(other), &format!("{host_ip}:18080"))
+                .is_ok_and(|p| p == "on-the-node")
+        },
+    );
+
+    // restartPolicy: Always restarts an exiting container with backoff (the pod stays
+    // Running and counts restarts); Never leaves it, and a clean exit is Succeeded.
+    wait_until("crasher restarted twice", Duration::from_secs(30), || {
+        let pod = json(&kc, &["get", "pod", "crasher", "-n", "shop"]);
+        pod["status"]["phase"] == "Running"
+            && pod["status"]["containerStatuses"][0]["restartCount"].as_u64() >= Some(2)
+    });
+    wait_until("once Succeeded", Duration::from_secs(30), || {
+        let pod = json(&kc, &["get", "pod", "once", "-n", "shop"]);
+        pod["status"]["phase"] == "Succeeded"
+            && pod["status"]["containerStatuses"][0]["restartCount"] == 0
+    });
 
     // Graceful deletion: the kubelets stop the pods (SIGTERM) and delete them for good, their
     // network namespaces go, and the namespace itself can then be deleted.

@@ -120,6 +120,14 @@ impl Host for NodeHost {
         &self.config.program_dirs
     }
 
+    fn host_network_allowed(&self) -> bool {
+        true
+    }
+
+    fn restarts_containers(&self) -> bool {
+        true
+    }
+
     fn services(&self, namespace: &str) -> Result<Vec<Value>, String> {
         Ok(self
             .services

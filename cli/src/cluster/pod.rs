@@ -47,6 +47,24 @@ pub trait Host {
         service_account: Option<&str>,
         token_file: &Path,
     ) -> Result<Option<PathBuf>, String>;
+    /// Whether exited containers are started again as `restartPolicy` says (the kubelet's
+    /// behaviour); default no (the runner leaves them exited).
+    fn restarts_containers(&self) -> bool {
+        false
+    }
+    /// Whether `hostNetwork: true` pods may run (in the node's namespace); default no.
+    fn host_network_allowed(&self) -> bool {
+        false
+    }
+}
+
+/// The pod's hostname: the node's for `hostNetwork` pods (as Kubernetes), else its own.
+fn hostname(object: &Object, runtime: &PodRuntime) -> String {
+    if runtime.host_network {
+        layout::node_name(runtime.node)
+    } else {
+        super::pod_hostname(object)
+    }
 }
 
 /// A container's process and what the kubelet knows of it.
@@ -67,6 +85,18 @@ pub struct ContainerRuntime {
     pub ready: bool,
     /// When it was last probed.
     pub last_probe: Option<Instant>,
+    /// Times it was started again after exiting.
+    pub restart_count: u32,
+    /// When it is to be started again (it exited and the restart policy says so).
+    pub restart_at: Option<Instant>,
+    /// Its spec, to start it again.
+    pub spec: Container,
+}
+
+/// Delay before restart `restarts + 1` of a container: 1 s doubling to 30 s (the kubelet's
+/// CrashLoopBackOff starts at 10 s and caps at 5 min; shorter here, for a local cluster).
+pub fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_secs((1u64 << restarts.min(5)).min(30))
 }
 
 /// A readiness probe the local cluster runs.
@@ -110,6 +140,15 @@ pub struct PodRuntime {
     pub last_status: Value,
     /// The pod's service-account token registration (removed when the pod stops).
     pub token_registration: Option<PathBuf>,
+    /// `spec.restartPolicy` (`Always` when unset).
+    pub restart_policy: String,
+    /// The environment every container starts with (before its own `env`).
+    pub env_base: Vec<(String, String)>,
+    /// The pod as it was started (for restarts).
+    pub object: Option<Object>,
+    /// `hostNetwork: true`: the pod runs in its node's namespace ([`PodRuntime::netns`] is the
+    /// node's) with the node's IP, and its network is never set up or torn down.
+    pub host_network: bool,
 }
 
 /// A sandbox to create again.
@@ -148,20 +187,30 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
         sandbox: None,
         last_status: Value::Null,
         token_registration: None,
+        restart_policy: "Always".into(),
+        env_base: Vec::new(),
+        object: Some(object.clone()),
+        host_network: false,
     };
     // Network set-up failures are retried (the pod stays Pending); the rest fail the pod.
     let mut sandbox_error = None;
     let result = (|| -> Result<(), String> {
         let pod: Pod = object.typed().map_err(|(f, m)| format!("{f}: {m}"))?;
         let spec = pod.spec.ok_or("pod has no spec")?;
-        if spec.host_network == Some(true) {
-            return Err("hostNetwork pods are not supported by the local cluster".into());
-        }
         runtime.node = node?;
         let pod_dir = host.layout().pod_dir(uid);
         std::fs::create_dir_all(&pod_dir)
             .map_err(|e| format!("creating {}: {e}", pod_dir.display()))?;
         let network = (|| -> Result<Value, String> {
+            if spec.host_network == Some(true) {
+                if !host.host_network_allowed() {
+                    return Err("hostNetwork pods are not supported by the file-store runner (use `weft cluster up --kubernetes`)".into());
+                }
+                runtime.host_network = true;
+                runtime.netns = host.layout().node_netns(runtime.node);
+                runtime.ip = Some(layout::node_ip(runtime.node));
+                return Ok(Value::Null);
+            }
             netns::add(&netns_name).map_err(|e| e.to_string())?;
             let list = cni::read_conflist(&conflist_path(host, runtime.node))
                 .map_err(|e| e.to_string())?;
@@ -170,12 +219,19 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
             Ok(result)
         })();
         let result = network.inspect_err(|message| sandbox_error = Some(message.clone()))?;
-        let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
-        runtime.cni_result = Some(result);
+        if !runtime.host_network {
+            let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
+            runtime.cni_result = Some(result);
+        }
         let token_file = pod_dir.join(token::TOKEN_FILE_NAME);
         runtime.token_registration =
             host.issue_token(&runtime, spec.service_account_name.as_deref(), &token_file)?;
+        runtime.restart_policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         let env_base = base_env(host, object, &runtime, &token_file)?;
+        runtime.env_base = env_base.clone();
         for container in &spec.containers {
             let child = spawn(host, container, &runtime, &env_base, object, &pod_dir)?;
             runtime.containers.push(ContainerRuntime {
@@ -187,6 +243,9 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
                 probe: probe_of(container),
                 ready: false,
                 last_probe: None,
+                restart_count: 0,
+                restart_at: None,
+                spec: container.clone(),
             });
         }
         Ok(())
@@ -258,7 +317,7 @@ fn base_env(
     let path = std::env::join_paths(path).map_err(|e| e.to_string())?;
     let mut env = vec![
         ("PATH".to_owned(), path.to_string_lossy().into_owned()),
-        ("HOSTNAME".to_owned(), super::pod_hostname(object)),
+        ("HOSTNAME".to_owned(), hostname(object, runtime)),
         ("HOME".to_owned(), "/root".to_owned()),
         (
             token::TOKEN_FILE_ENV.to_owned(),
@@ -329,7 +388,7 @@ fn spawn(
         .open(&log_path)
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = netns::pod_command_in(&runtime.netns, &super::pod_hostname(object), &program);
+    let mut cmd = netns::pod_command_in(&runtime.netns, &hostname(object, runtime), &program);
     cmd.args(&args)
         .env_clear()
         .envs(env)
@@ -362,6 +421,9 @@ pub(super) fn resolve_program(host: &dyn Host, program: &str) -> Option<PathBuf>
 }
 
 fn teardown_network(host: &dyn Host, runtime: &PodRuntime) {
+    if runtime.host_network {
+        return;
+    }
     if runtime.node != 0
         && netns::exists(&runtime.netns)
         && let Ok(list) = cni::read_conflist(&conflist_path(host, runtime.node))
@@ -377,14 +439,18 @@ fn teardown_network(host: &dyn Host, runtime: &PodRuntime) {
         warn!(pod = %runtime.key, error = %err, "deleting pod netns failed");
     }
 }
-/// Polls one pod: notes containers that exited, runs due readiness probes (every 500 ms, from
-/// the node's namespace) and revokes the token of a pod whose containers all stopped.
+
+/// Polls one pod: notes containers that exited (and starts them again after
+/// [`restart_backoff`] when the host restarts containers and `restartPolicy` says so), runs due
+/// readiness probes (every 500 ms, from the node's namespace) and revokes the token of a pod
+/// whose containers all stopped.
 pub fn poll(host: &dyn Host, runtime: &mut PodRuntime) {
     if runtime.failure.is_some() {
         return;
     }
     let node_netns = host.layout().node_netns(runtime.node);
-    for container in &mut runtime.containers {
+    let mut containers = std::mem::take(&mut runtime.containers);
+    for container in &mut containers {
         if container.exit.is_none()
             && let Some(child) = container.child.as_mut()
             && let Ok(Some(status)) = child.try_wait()
@@ -394,7 +460,43 @@ pub fn poll(host: &dyn Host, runtime: &mut PodRuntime) {
             container.finished_at = Some(store::timestamp());
             container.ready = false;
         }
-        if container.exit.is_some() {
+        if let Some(status) = container.exit {
+            let restart = host.restarts_containers()
+                && match runtime.restart_policy.as_str() {
+                    "Never" => false,
+                    "OnFailure" => !status.success(),
+                    _ => true,
+                };
+            if restart {
+                match container.restart_at {
+                    None => {
+                        container.restart_at =
+                            Some(Instant::now() + restart_backoff(container.restart_count));
+                    }
+                    Some(at) if at <= Instant::now() => {
+                        let pod_dir = host.layout().pod_dir(&runtime.uid);
+                        let object = runtime.object.clone().unwrap_or(Object(Value::Null));
+                        let spec = container.spec.clone();
+                        match spawn(host, &spec, runtime, &runtime.env_base, &object, &pod_dir) {
+                            Ok(child) => {
+                                info!(pod = %runtime.key, container = %container.name, restarts = container.restart_count + 1, "container restarted");
+                                container.child = Some(child);
+                                container.exit = None;
+                                container.started_at = store::timestamp();
+                                container.finished_at = None;
+                                container.restart_count += 1;
+                                container.last_probe = None;
+                            }
+                            Err(err) => {
+                                warn!(pod = %runtime.key, container = %container.name, error = %err, "restarting container failed");
+                                container.restart_count += 1;
+                            }
+                        }
+                        container.restart_at = None;
+                    }
+                    Some(_) => {}
+                }
+            }
             continue;
         }
         match (&container.probe, runtime.ip) {
@@ -411,8 +513,14 @@ pub fn poll(host: &dyn Host, runtime: &mut PodRuntime) {
             (Some(_), None) => container.ready = false,
         }
     }
+    runtime.containers = containers;
     // A pod whose containers all exited has stopped: its token is no longer good.
-    if !runtime.containers.is_empty() && runtime.containers.iter().all(|c| c.exit.is_some()) {
+    if !runtime.containers.is_empty()
+        && runtime
+            .containers
+            .iter()
+            .all(|c| c.exit.is_some() && c.restart_at.is_none())
+    {
         revoke_token(runtime);
     }
 }
@@ -423,8 +531,11 @@ pub fn stop(host: &dyn Host, mut runtime: PodRuntime, grace: Duration) {
     for container in &mut runtime.containers {
         terminate(container, grace);
     }
-    // Anything else left in the pod's namespace (e.g. a process that changed its group).
-    super::network::kill_all(&netns::pids(&runtime.netns));
+    // Anything else left in the pod's namespace (e.g. a process that changed its group); a
+    // hostNetwork pod shares its node's, where everything else of the node runs.
+    if !runtime.host_network {
+        super::network::kill_all(&netns::pids(&runtime.netns));
+    }
     revoke_token(&mut runtime);
     teardown_network(host, &runtime);
     let _ = std::fs::remove_dir_all(host.layout().pod_dir(&runtime.uid));
@@ -604,10 +715,11 @@ pub fn pod_status(runtime: &PodRuntime) -> Value {
             "conditions": [condition("PodScheduled", runtime.node != 0), condition("Ready", false)],
         });
     }
+    // A container waiting to be restarted keeps its pod Running (as in CrashLoopBackOff).
     let running = runtime
         .containers
         .iter()
-        .filter(|c| c.exit.is_none())
+        .filter(|c| c.exit.is_none() || c.restart_at.is_some())
         .count();
     let all_ready = !runtime.containers.is_empty()
         && runtime
@@ -638,7 +750,12 @@ pub fn pod_status(runtime: &PodRuntime) -> Value {
                 }}),
                 (None, _) => json!({"running": {"startedAt": c.started_at}}),
             };
-            json!({"name": c.name, "ready": c.ready && c.exit.is_none(), "started": c.exit.is_none(), "restartCount": 0, "image": "", "imageID": "", "state": state})
+            let state = if c.restart_at.is_some() {
+                json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off restarting the exited container (restart {})", c.restart_count + 1)}})
+            } else {
+                state
+            };
+            json!({"name": c.name, "ready": c.ready && c.exit.is_none(), "started": c.exit.is_none(), "restartCount": c.restart_count, "image": "", "imageID": "", "state": state})
         })
         .collect();
     let ip = runtime.ip.map(|ip| ip.to_string());
@@ -766,6 +883,10 @@ pub(super) mod tests {
             sandbox: None,
             last_status: Value::Null,
             token_registration: None,
+            restart_policy: "Always".into(),
+            env_base: Vec::new(),
+            object: None,
+            host_network: false,
         };
         let pod: Pod = object.typed().unwrap();
         let container = &pod.spec.as_ref().unwrap().containers[0];
