@@ -21,6 +21,7 @@
 mod controller;
 mod engine;
 mod hbone;
+mod kube_pods;
 mod latency;
 mod load;
 mod mesh;
@@ -90,6 +91,8 @@ enum Command {
     Scale(scale::Args),
     /// The waypoint's HTTP stack vs Envoy as an HTTP router, same routes, loopback, 1 worker each.
     Engine(engine::Args),
+    /// Real Kubernetes: N pods created through the API until in every ztunnel's config (root).
+    KubePods(kube_pods::Args),
 }
 
 /// Arguments of `run`.
@@ -118,6 +121,9 @@ struct RunArgs {
 
     #[command(flatten, next_help_heading = "mesh")]
     mesh: mesh::Args,
+
+    #[command(flatten, next_help_heading = "kube-pods")]
+    kube_pods: kube_pods::Args,
 }
 
 fn scenario_name(name: &str) -> Result<String, String> {
@@ -159,6 +165,9 @@ fn main() -> Result<ExitCode> {
         }
         Command::Engine(args) => {
             run_engine(&args, dir)?;
+        }
+        Command::KubePods(args) => {
+            run_kube_pods(&args, dir)?;
         }
         Command::Latency { testbed, args } => {
             let bed = Testbed::up(&testbed)?;
@@ -335,6 +344,11 @@ fn run_in_process(name: &str, runtime: &Runtime, args: &RunArgs, dir: &Path) -> 
             engine.quick = args.quick;
             run_engine(&engine, dir)?
         }
+        "kube-pods" => {
+            let mut kube = args.kube_pods.clone();
+            kube.quick = args.quick;
+            run_kube_pods(&kube, dir)?
+        }
         other => anyhow::bail!("no runner for scenario {other}"),
     };
     let text =
@@ -372,6 +386,18 @@ fn run_scale(runtime: &Runtime, args: &scale::Args, results_dir: &Path) -> Resul
     let result = runtime.block_on(scale::run(args))?;
     scale::print(&result);
     let path = scale::write_json(&result, results_dir)?;
+    eprintln!("wrote {}", path.display());
+    Ok(path)
+}
+
+fn run_kube_pods(args: &kube_pods::Args, results_dir: &Path) -> Result<PathBuf> {
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("executable directory")?
+        .to_path_buf();
+    let result = kube_pods::run(args, &exe_dir)?;
+    kube_pods::print(&result);
+    let path = report::write_json("kube-pods", result, results_dir, report::unix_time())?;
     eprintln!("wrote {}", path.display());
     Ok(path)
 }

@@ -121,6 +121,15 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
             ("/idle/bytes_per_connection_max", Finite),
         ],
     },
+    Scenario {
+        name: "kube-pods",
+        about: "real Kubernetes with Weft installed by helm: N pods created through the API until all are Running and in every ztunnel's config",
+        cluster: false,
+        figures: &[
+            ("/all_running_seconds", Positive),
+            ("/all_in_every_ztunnel_seconds", Positive),
+        ],
+    },
 ];
 
 /// The scenario named `name`.

@@ -9,8 +9,10 @@
 
 pub mod cni;
 pub mod expansion;
+pub mod helm;
 pub mod kube;
 pub mod kubelet;
+pub mod kubelet_api;
 pub mod layout;
 pub mod netns;
 pub mod network;
@@ -18,6 +20,7 @@ pub mod pod;
 pub mod proxy;
 pub mod runner;
 pub mod token;
+pub mod volume;
 
 use std::os::unix::process::CommandExt;
 
@@ -107,6 +110,9 @@ pub enum Error {
     /// The Kubernetes control plane failed.
     #[error(transparent)]
     Kube(#[from] kube::Error),
+    /// Installing Weft with Helm failed.
+    #[error(transparent)]
+    Helm(#[from] helm::Error),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -227,8 +233,12 @@ impl Cluster {
             Some(exe) => exe.clone(),
             None => std::env::current_exe().map_err(io("finding the weft executable"))?,
         };
+        if options.kubernetes && options.mesh && options.control_plane {
+            // Fail before anything is made when the charts are not there.
+            helm::charts_dir()?;
+        }
         let mut plugin_dirs = options.plugin_dirs.clone();
-        if options.mesh && options.control_plane {
+        if options.mesh && options.control_plane && !options.kubernetes {
             plugin_dirs.extend(weft_exe.parent().map(Path::to_path_buf));
         }
         let description = Description {
@@ -240,7 +250,8 @@ impl Cluster {
                 .map(Path::to_path_buf)
                 .into_iter()
                 .collect(),
-            control_plane: options.control_plane,
+            // On Kubernetes the control plane and the mesh are pods Helm installs.
+            control_plane: options.control_plane && !options.kubernetes,
             mesh: options.mesh && options.control_plane,
             kubernetes: options.kubernetes,
         };
@@ -265,7 +276,7 @@ impl Cluster {
         network::create(layout, options.nodes)?;
         for node in 1..=options.nodes {
             let mut chained = options.chained_plugins.clone();
-            if self.description.mesh {
+            if self.description.mesh && !options.kubernetes {
                 chained.push(json!({
                     "type": "weft-cni",
                     "agent_socket": self.node_run_dir(node).join("cni-agent.sock"),
@@ -278,6 +289,16 @@ impl Cluster {
                 &layout.node_dir(node).join("cni").join("10-weft.conflist"),
                 &list,
             )?;
+            if options.kubernetes {
+                // The kubelet reads the node's CNI configuration directory.
+                cni::write_conflist(
+                    &layout
+                        .node_root(node)
+                        .join(kubelet::CNI_CONF_DIR)
+                        .join("10-weft.conflist"),
+                    &list,
+                )?;
+            }
         }
         let mut objects = vec![Object(json!({
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}
@@ -310,11 +331,14 @@ impl Cluster {
                 self.start_kubelet(weft_exe, node)?;
                 self.start_kube_proxy(node)?;
             }
+            kube::apply_addons(layout)?;
         }
-        if options.control_plane {
+        if self.description.control_plane {
             self.start_control_plane()?;
         }
-        if self.description.mesh {
+        if self.description.mesh && options.kubernetes {
+            helm::install_weft(layout, &helm::charts_dir()?)?;
+        } else if self.description.mesh {
             for node in 1..=options.nodes {
                 self.start_node_components(node)?;
             }
@@ -1035,7 +1059,8 @@ impl Cluster {
             .map(|d| d.join(program))
             .find(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from(program));
-        let mut cmd = netns::pod_command_in(&netns_name, &pod_hostname(&object), program);
+        let mut cmd = netns::pod_command_in(&netns_name, &pod_hostname(&object), program, &[])
+            .map_err(io("preparing the exec"))?;
         cmd.args(args);
         Ok(cmd)
     }
@@ -1263,8 +1288,18 @@ pub fn run_kubelet(name: &str, state_dir: Option<&Path>, node: u8) -> Result<(),
             .kubeconfig(&kube::kubelet_kubeconfig_name(node)),
         layout: cluster.layout.clone(),
         node,
-        plugin_dirs: cluster.description.plugin_dirs.clone(),
-        program_dirs: cluster.description.program_dirs.clone(),
+        // The node's own plugin directory (where a CNI DaemonSet installs), then the cluster's.
+        plugin_dirs: std::iter::once(cluster.layout.node_root(node).join(kubelet::CNI_BIN_DIR))
+            .chain(cluster.description.plugin_dirs.iter().cloned())
+            .collect(),
+        // Programs next to `weft`, then the Kubernetes programs (CoreDNS runs as a pod).
+        program_dirs: cluster
+            .description
+            .program_dirs
+            .iter()
+            .cloned()
+            .chain(std::iter::once(kube::bin_dir()))
+            .collect(),
         tick: Duration::from_millis(200),
     };
     kubelet::run(config, &stop).map_err(|e| Error::Runner(crate::echo::error_message(&e)))

@@ -213,8 +213,10 @@ enum ClusterCommand {
         /// Directory holding the CNI plugins.
         #[arg(long, default_value = cluster::layout::DEFAULT_CNI_BIN_DIR)]
         cni_bin_dir: PathBuf,
-        /// Also run the real Kubernetes control plane (etcd, kube-apiserver,
-        /// kube-controller-manager, kube-scheduler; installed by scripts/install-deps).
+        /// Run the real Kubernetes control plane (etcd, kube-apiserver,
+        /// kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS; built by
+        /// scripts/install-deps) with a netns kubelet per node, and install Weft into it with
+        /// `helm install` of the project's charts (WEFT_CHARTS_DIR overrides where they are).
         #[arg(long)]
         kubernetes: bool,
         /// Run no mesh: no controller, CNI agent or ztunnel (a plain cluster).

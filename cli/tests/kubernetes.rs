@@ -573,3 +573,509 @@ fn up_without_kubernetes_installed_says_how_to_install_it_and_leaves_nothing() {
     );
     assert!(!layout.state_dir().exists(), "state dir left behind");
 }
+
+const MESHED_APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo, namespace: demo}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+      - name: echo
+        image: weft/echo
+        command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /healthz, port: http}}
+      terminationGracePeriodSeconds: 5
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {app: echo}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: demo}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: demo, labels: {app: client}}
+spec:
+  serviceAccountName: client
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: client
+    image: curlimages/curl
+    # Debian's curl, by the short name, the namespace-qualified name and the full name: the
+    # pod's resolv.conf points at CoreDNS and searches demo.svc.cluster.local first.
+    command:
+    - sh
+    - -c
+    - |
+      while true; do
+        for name in echo echo.demo echo.demo.svc.cluster.local; do
+          curl -s -m 3 -o /dev/null -w "$name %{http_code}\n" "http://$name/"
+        done
+        sleep 0.5
+      done
+"#;
+
+/// 3,000 requests at 200/s (15 s) from a meshed pod to the echo Service, summed up.
+const LOAD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: load, namespace: demo, labels: {app: load}}
+spec:
+  serviceAccountName: client
+  restartPolicy: Never
+  containers:
+  - name: load
+    image: weft/echo
+    command: [weft-echo, client, "http://echo.demo/", --rate, "200", --count, "3000", --concurrency, "8", --summary]
+"#;
+
+const WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: demo
+  labels: {istio.io/waypoint-for: service}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners:
+  - {name: mesh, port: 15008, protocol: HBONE}
+"#;
+
+/// Pods of `namespace` with label `selector`, as JSON.
+fn pods_of(kc: &str, namespace: &str, selector: &str) -> Vec<Value> {
+    json(kc, &["get", "pods", "-n", namespace, "-l", selector])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn is_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+#[test]
+fn weft_installs_with_helm_and_meshes_pods_reached_by_dns_names() {
+    if !root_or_skip("weft_installs_with_helm_and_meshes_pods_reached_by_dns_names") {
+        return;
+    }
+    let name = "kube-mesh";
+    let _ = Cluster::down(name, None);
+    let mut options = Options::new(name);
+    options.nodes = 2;
+    options.weft_exe = Some(WEFT.into());
+    options.kubernetes = true;
+    // `up --kubernetes` installs Weft with `helm install` of charts/ and waits for it.
+    let up = Cluster::up(&options).expect("cluster up --kubernetes with the mesh");
+    let guard = common::TestCluster(up);
+    let layout = guard.layout().clone();
+    let kc = guard
+        .0
+        .kubeconfig_path()
+        .expect("kubeconfig")
+        .display()
+        .to_string();
+
+    // The releases, and the mesh as pods: the controller Deployment, and a ztunnel and a CNI
+    // agent DaemonSet pod on every node, all Ready; CoreDNS too.
+    let helm = kube::program("helm").expect("helm installed");
+    let out = Command::new(&helm)
+        .args([
+            "list",
+            "-n",
+            "istio-system",
+            "-o",
+            "json",
+            "--kubeconfig",
+            &kc,
+        ])
+        .output()
+        .expect("helm list");
+    let releases: Value = serde_json::from_slice(&out.stdout).expect("helm list json");
+    let mut names: Vec<&str> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "deployed")
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["weft-base", "weft-cni", "weft-controller", "weft-ztunnel"]
+    );
+    for (selector, count) in [
+        ("app.kubernetes.io/name=ztunnel", 2),
+        ("app.kubernetes.io/name=weft-cni", 2),
+        ("app.kubernetes.io/name=weft-controller", 1),
+    ] {
+        let pods = pods_of(&kc, "istio-system", selector);
+        assert_eq!(pods.len(), count, "{selector}: {pods:?}");
+        assert!(
+            pods.iter().all(is_ready),
+            "{selector} not all Ready: {pods:?}"
+        );
+        if count == 2 {
+            let mut nodes: Vec<&str> = pods
+                .iter()
+                .filter_map(|p| p["spec"]["nodeName"].as_str())
+                .collect();
+            nodes.sort_unstable();
+            assert_eq!(nodes, ["node-1", "node-2"], "{selector}");
+        }
+    }
+    wait_until("CoreDNS Ready", Duration::from_secs(30), || {
+        pods_of(&kc, "kube-system", "k8s-app=kube-dns")
+            .iter()
+            .any(is_ready)
+    });
+    // The CNI agents chained weft-cni into each node's CNI configuration.
+    for node in 1..=2u8 {
+        let conf = layout
+            .node_root(node)
+            .join("etc/cni/net.d/10-weft.conflist");
+        let text = std::fs::read_to_string(&conf).expect("node conflist");
+        assert!(text.contains("\"weft-cni\""), "{}: {text}", conf.display());
+    }
+
+    // An ambient namespace: its pods are enrolled as they start (the CNI agent's annotation),
+    // and the client reaches the Service by every DNS name.
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(MESHED_APP));
+    assert!(ok, "apply: {err}");
+    wait_until("the demo pods Ready", Duration::from_secs(60), || {
+        let pods = pods_of(&kc, "demo", "app in (echo,client)");
+        pods.len() == 3 && pods.iter().all(is_ready)
+    });
+    let pods = pods_of(&kc, "demo", "app in (echo,client)");
+    for pod in &pods {
+        assert_eq!(
+            pod["metadata"]["annotations"]["ambient.istio.io/redirection"], "enabled",
+            "{pod}"
+        );
+    }
+    let client = pods
+        .iter()
+        .find(|p| p["metadata"]["name"] == "client")
+        .expect("client pod");
+    let client_log = layout
+        .pod_dir(client["metadata"]["uid"].as_str().unwrap())
+        .join("client.log");
+    wait_until(
+        "the client reaches echo by three names",
+        Duration::from_secs(30),
+        || {
+            let log = std::fs::read_to_string(&client_log).unwrap_or_default();
+            [
+                "echo 200",
+                "echo.demo 200",
+                "echo.demo.svc.cluster.local 200",
+            ]
+            .iter()
+            .all(|line| log.lines().any(|l| l == *line))
+        },
+    );
+
+    // `kubectl logs` reaches the netns kubelet's API (the apiserver dials the node's IP with
+    // its kubelet client certificate): the last lines, and a container that does not exist.
+    let (ok, logs, err) = kubectl(&kc, &["logs", "client", "-n", "demo", "--tail", "3"], None);
+    assert!(ok, "kubectl logs: {err}");
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 3, "{logs}");
+    assert!(lines.iter().all(|l| l.ends_with(" 200")), "{logs}");
+    let (ok, _, err) = kubectl(&kc, &["logs", "client", "-n", "demo", "-c", "nope"], None);
+    assert!(!ok && err.contains("nope"), "{err}");
+
+    // Through the mesh: a server-side ztunnel counted the client's connections as mutual TLS
+    // from the client's SPIFFE identity.
+    let ztunnels = pods_of(&kc, "istio-system", "app.kubernetes.io/name=ztunnel");
+    let principal = "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"";
+    wait_until(
+        "a ztunnel reports the client's mTLS connections",
+        Duration::from_secs(30),
+        || {
+            ztunnels.iter().any(|z| {
+                let ip = z["status"]["podIP"].as_str().unwrap_or_default();
+                let node: u8 = z["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_start_matches("node-")
+                    .parse()
+                    .unwrap_or(1);
+                let metrics = http_get_in(
+                    &layout.node_netns(node),
+                    format!("{ip}:15020").parse().unwrap(),
+                    "/metrics",
+                );
+                metrics.lines().any(|l| {
+                    l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+                        && l.contains(principal)
+                        && l.contains("connection_security_policy=\"mutual_tls\"")
+                })
+            })
+        },
+    );
+
+    // The apiserver restarted under 200 requests/s of meshed traffic: the data plane does not
+    // depend on it (ztunnels keep their config, the controller relists and serves again), so
+    // not one request fails and no ztunnel NACKs what the controller sends after.
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(LOAD));
+    assert!(ok, "apply load: {err}");
+    wait_until("the load pod runs", Duration::from_secs(30), || {
+        json(&kc, &["get", "pod", "load", "-n", "demo"])["status"]["phase"] == "Running"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let away = kube::restart(&layout, "kube-apiserver").expect("restart kube-apiserver");
+    assert!(
+        away > Duration::from_secs(1),
+        "the apiserver was away only {away:?}"
+    );
+    wait_until("the load pod finishes", Duration::from_secs(60), || {
+        let phase = json(&kc, &["get", "pod", "load", "-n", "demo"])["status"]["phase"].clone();
+        phase == "Succeeded" || phase == "Failed"
+    });
+    let load = json(&kc, &["get", "pod", "load", "-n", "demo"]);
+    let load_log = layout
+        .pod_dir(load["metadata"]["uid"].as_str().unwrap())
+        .join("load.log");
+    let text = std::fs::read_to_string(&load_log).expect("load log");
+    let summary: Value =
+        serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_default();
+    assert_eq!(summary["total"], 3000, "{text}");
+    assert_eq!(
+        summary["failed"], 0,
+        "requests failed across the apiserver restart: {text}"
+    );
+    assert_eq!(load["status"]["phase"], "Succeeded", "{load}");
+    let controller = &pods_of(
+        &kc,
+        "istio-system",
+        "app.kubernetes.io/name=weft-controller",
+    )[0];
+    let connections = http_get_in(
+        &layout.pod_netns(controller["metadata"]["uid"].as_str().unwrap()),
+        "127.0.0.1:15014".parse().unwrap(),
+        "/debug/connections",
+    );
+    assert!(connections.contains("ztunnel~"), "{connections}");
+    assert!(
+        !connections.contains("\"last_nack\":{"),
+        "a NACK: {connections}"
+    );
+
+    // L7 where it pays: a waypoint Gateway for the namespace. The controller provisions its
+    // Deployment (a pod on our kubelet, certificate from the CA by its projected token) and
+    // programs the Gateway; the client's requests then cross it, in its access log with the
+    // client's SPIFFE identity — with no pod restarted.
+    let (ok, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(WAYPOINT));
+    assert!(ok, "apply waypoint: {err}");
+    let (ok, _, err) = kubectl(
+        &kc,
+        &[
+            "label",
+            "namespace",
+            "demo",
+            "istio.io/use-waypoint=waypoint",
+        ],
+        None,
+    );
+    assert!(ok, "label: {err}");
+    wait_until(
+        "the waypoint Gateway Programmed",
+        Duration::from_secs(60),
+        || {
+            json(&kc, &["get", "gateway", "waypoint", "-n", "demo"])["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Programmed" && c["status"] == "True")
+                })
+        },
+    );
+    let waypoint = pods_of(
+        &kc,
+        "demo",
+        "gateway.networking.k8s.io/gateway-name=waypoint",
+    );
+    assert_eq!(waypoint.len(), 1, "{waypoint:?}");
+    let waypoint_log = layout
+        .pod_dir(waypoint[0]["metadata"]["uid"].as_str().unwrap())
+        .join("waypoint.log");
+    wait_until(
+        "the waypoint logs the client's requests",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&waypoint_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("request complete")
+                        && l.contains("status=200")
+                        && l.contains("spiffe://cluster.local/ns/demo/sa/client")
+                })
+        },
+    );
+    for pod in pods_of(&kc, "demo", "app in (echo,client)") {
+        assert_eq!(
+            pod["status"]["containerStatuses"][0]["restartCount"], 0,
+            "{pod}"
+        );
+        assert!(
+            pods.iter()
+                .any(|p| p["metadata"]["uid"] == pod["metadata"]["uid"]),
+            "pod {} was replaced",
+            pod["metadata"]["name"]
+        );
+    }
+
+    // A namespace deleted while enrolled cleans up: its pods stop, their network namespaces
+    // (and the capture rules inside them) go, and no ztunnel keeps a proxy or a workload of it.
+    let uids: Vec<String> = pods
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap().to_owned())
+        .collect();
+    let (ok, _, err) = kubectl(
+        &kc,
+        &[
+            "delete",
+            "namespace",
+            "demo",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(ok, "delete namespace demo: {err}");
+    for uid in &uids {
+        assert!(
+            !cluster::netns::exists(&layout.pod_netns(uid)),
+            "pod {uid}'s network namespace is left"
+        );
+    }
+    wait_until(
+        "no ztunnel holds state of namespace demo",
+        Duration::from_secs(30),
+        || {
+            ztunnels.iter().all(|z| {
+                let netns = layout.pod_netns(z["metadata"]["uid"].as_str().unwrap());
+                let dump = http_get_in(&netns, "127.0.0.1:15000".parse().unwrap(), "/config_dump");
+                let body: Value = serde_json::from_str(dump.split("\r\n\r\n").nth(1).unwrap_or(""))
+                    .unwrap_or_default();
+                body.is_object()
+                    && body["pods"].as_array().is_some_and(|p| {
+                        p.iter()
+                            .all(|p| !uids.iter().any(|u| p["uid"] == u.as_str()))
+                    })
+                    && body["workloads"]
+                        .as_array()
+                        .is_some_and(|w| w.iter().all(|w| w["namespace"] != "demo"))
+            })
+        },
+    );
+    for node in 1..=2u8 {
+        let records = layout.node_root(node).join("var/run/weft-cni/pods.json");
+        let text = std::fs::read_to_string(&records).unwrap_or_default();
+        assert!(
+            uids.iter().all(|u| !text.contains(u.as_str())),
+            "{} still records a deleted pod: {text}",
+            records.display()
+        );
+    }
+
+    // Upgrade in place, then uninstall: every release's objects go.
+    let charts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts");
+    let out = Command::new(&helm)
+        .args(["upgrade", "weft-ztunnel"])
+        .arg(charts.join("ztunnel"))
+        .args([
+            "-n",
+            "istio-system",
+            "--set",
+            "logLevel=debug",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .args(["--kubeconfig", &kc])
+        .output()
+        .expect("helm upgrade");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ds = json(&kc, &["get", "daemonset", "ztunnel", "-n", "istio-system"]);
+    assert_eq!(ds["status"]["numberReady"], 2, "{ds}");
+    let env = &ds["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "RUST_LOG" && e["value"] == "debug"),
+        "{env}"
+    );
+    for release in ["weft-ztunnel", "weft-cni", "weft-controller", "weft-base"] {
+        let out = Command::new(&helm)
+            .args([
+                "uninstall",
+                release,
+                "-n",
+                "istio-system",
+                "--wait",
+                "--kubeconfig",
+                &kc,
+            ])
+            .output()
+            .expect("helm uninstall");
+        assert!(
+            out.status.success(),
+            "{release}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_until("istio-system empty", Duration::from_secs(60), || {
+        let all = json(
+            &kc,
+            &[
+                "get",
+                "pods,daemonsets,deployments,services,serviceaccounts,roles,rolebindings",
+                "-n",
+                "istio-system",
+                "-l",
+                "app.kubernetes.io/managed-by=Helm",
+            ],
+        );
+        all["items"].as_array().is_some_and(Vec::is_empty)
+    });
+    let cluster_wide = json(
+        &kc,
+        &[
+            "get",
+            "clusterroles,clusterrolebindings",
+            "-l",
+            "app.kubernetes.io/managed-by=Helm",
+        ],
+    );
+    assert!(
+        cluster_wide["items"].as_array().is_some_and(Vec::is_empty),
+        "{cluster_wide}"
+    );
+}

@@ -18,7 +18,7 @@ use weft_core::{control_plane, drain, xds};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::netns::InpodNetns;
-use crate::pod::{PodProxy, Shared};
+use crate::pod::{PodListeners, PodProxy, Shared};
 use crate::state::ProxyState;
 use crate::zds::{self, Pod};
 
@@ -144,16 +144,27 @@ impl zds::Manager for PodManager {
             let shared = self.shared.clone();
             let info = pod.info;
             let netns_id = netns.id();
+            // Bound before the add is acknowledged: the pod's first connections wait in the
+            // backlog rather than being refused.
+            let mut listeners = PodListeners::bind(&netns).map_err(|e| error_chain(&e))?;
             let starter = tokio::spawn(async move {
                 loop {
-                    match PodProxy::start(shared.clone(), info.clone(), netns.clone()).await {
+                    match PodProxy::start_with(
+                        shared.clone(),
+                        info.clone(),
+                        netns.clone(),
+                        listeners,
+                    )
+                    .await
+                    {
                         Ok(started) => {
                             if let Ok(mut slot) = slot_proxy.lock() {
                                 *slot = Some(started);
                             }
                             return;
                         }
-                        Err(err) => {
+                        Err((err, back)) => {
+                            listeners = back;
                             let chain = error_chain(&err);
                             debug!(pod = %info.name, error = %chain, "pod proxy pending");
                             if let Ok(mut slot) = slot_error.lock() {

@@ -127,9 +127,39 @@ fn find_workload(state: &ProxyState, info: &WorkloadInfo) -> Option<(String, Spi
         .map(|w| (w.uid.clone(), w.identity().clone()))
 }
 
+/// A pod's three listeners (15008 HBONE, 15001 outbound, 15006 inbound plaintext), bound in
+/// its netns as soon as the node agent adds the pod — before ztunnel acknowledges the add, as
+/// upstream ztunnel does: from then on the pod's captured connections wait in the listeners'
+/// backlog instead of being refused, even while its workload and certificate are still coming.
+#[derive(Debug)]
+pub struct PodListeners {
+    hbone: TcpListener,
+    outbound: TcpListener,
+    plaintext: TcpListener,
+}
+
+impl PodListeners {
+    /// Binds the three listeners inside `netns`.
+    ///
+    /// # Errors
+    /// [`Error::Listen`] naming the address.
+    pub fn bind(netns: &InpodNetns) -> Result<Self, Error> {
+        let listen = |port: u16| {
+            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            socket::listener(netns, addr, &ListenerOptions::default())
+                .map_err(|source| Error::Listen { addr, source })
+        };
+        Ok(PodListeners {
+            hbone: listen(hbone::PORT)?,
+            outbound: listen(OUTBOUND_PORT)?,
+            plaintext: listen(INBOUND_PLAINTEXT_PORT)?,
+        })
+    }
+}
+
 impl PodProxy {
-    /// Starts the proxies for a pod: waits (up to `start_timeout`) for its workload and
-    /// certificate, then listens on 15008, 15001 and 15006 inside its netns.
+    /// Starts the proxies for a pod: listens on 15008, 15001 and 15006 inside its netns,
+    /// waits (up to `start_timeout`) for its workload and certificate, then serves.
     ///
     /// # Errors
     /// [`Error`]; nothing keeps running then.
@@ -138,15 +168,47 @@ impl PodProxy {
         info: WorkloadInfo,
         netns: InpodNetns,
     ) -> Result<PodProxy, Error> {
+        let listeners = PodListeners::bind(&netns)?;
+        Self::start_with(shared, info, netns, listeners)
+            .await
+            .map_err(|(err, _)| err)
+    }
+
+    /// As [`PodProxy::start`] on listeners already bound; on failure the listeners are given
+    /// back (to try again without ever closing them).
+    ///
+    /// # Errors
+    /// [`Error`] with the listeners.
+    pub async fn start_with(
+        shared: Arc<Shared>,
+        info: WorkloadInfo,
+        netns: InpodNetns,
+        listeners: PodListeners,
+    ) -> Result<PodProxy, (Error, PodListeners)> {
+        match Self::ready(&shared, &info).await {
+            Ok((workload_uid, identity)) => Ok(Self::serve(
+                shared,
+                info,
+                netns,
+                listeners,
+                workload_uid,
+                identity,
+            )),
+            Err(err) => Err((err, listeners)),
+        }
+    }
+
+    /// Waits (up to `start_timeout`) for the pod's workload and certificate.
+    async fn ready(shared: &Shared, info: &WorkloadInfo) -> Result<(String, SpiffeId), Error> {
         let deadline = tokio::time::Instant::now() + shared.start_timeout;
         let (workload_uid, identity) = loop {
-            if let Some(found) = find_workload(&shared.state, &info) {
+            if let Some(found) = find_workload(&shared.state, info) {
                 break found;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::UnknownWorkload {
-                    namespace: info.namespace,
-                    name: info.name,
+                    namespace: info.namespace.clone(),
+                    name: info.name.clone(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -156,15 +218,22 @@ impl PodProxy {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| Error::NoCertificate(identity.clone()))?;
+        Ok((workload_uid, identity))
+    }
 
-        let listen = |port: u16| {
-            let addr = SocketAddr::from(([0, 0, 0, 0], port));
-            socket::listener(&netns, addr, &ListenerOptions::default())
-                .map_err(|source| Error::Listen { addr, source })
-        };
-        let hbone_listener = listen(hbone::PORT)?;
-        let outbound_listener = listen(OUTBOUND_PORT)?;
-        let plaintext_listener = listen(INBOUND_PLAINTEXT_PORT)?;
+    fn serve(
+        shared: Arc<Shared>,
+        info: WorkloadInfo,
+        netns: InpodNetns,
+        listeners: PodListeners,
+        workload_uid: String,
+        identity: SpiffeId,
+    ) -> PodProxy {
+        let PodListeners {
+            hbone: hbone_listener,
+            outbound: outbound_listener,
+            plaintext: plaintext_listener,
+        } = listeners;
 
         let (trigger, watch) = drain::channel();
         let sockets = PodSockets {
@@ -215,11 +284,11 @@ impl PodProxy {
             .instrument(span),
         );
         info!(pod = %info.name, namespace = %info.namespace, identity = %identity, "pod proxy started");
-        Ok(PodProxy {
+        PodProxy {
             netns: netns.id(),
             workload_uid,
             _drain: trigger,
-        })
+        }
     }
 }
 

@@ -103,6 +103,12 @@ struct ClientArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Requests per second over all connections (default: as fast as the server answers).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Print only the summary line `{"total", "failed"}`, not a line per response.
+    #[arg(long)]
+    summary: bool,
     /// Extra request header `Name: value` (repeatable).
     #[arg(long = "header", short = 'H', value_parser = parse_header)]
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -213,14 +219,26 @@ async fn client(args: ClientArgs) -> anyhow::Result<ExitCode> {
     config.concurrency = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
     config.http2 = args.http2;
     config.timeout = Duration::from_millis(args.timeout_ms);
+    config.rate = args.rate;
     let mut written = Ok(());
+    let mut errors: Vec<String> = Vec::new();
     let summary = echo::client(config, |exchange| {
-        if written.is_ok() {
+        if args.summary {
+            // The first few errors still show what failed.
+            if exchange.outcome.is_err() && errors.len() < 5 {
+                errors.push(exchange.to_json());
+            }
+        } else if written.is_ok() {
             written = print_line(&exchange.to_json());
         }
     })
     .await?;
     written?;
+    if args.summary {
+        let line =
+            serde_json::json!({"total": summary.total, "failed": summary.failed, "errors": errors});
+        print_line(&line.to_string())?;
+    }
     Ok(exit_code(summary))
 }
 

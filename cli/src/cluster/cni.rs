@@ -118,6 +118,9 @@ pub struct Invocation {
     pub pod_uid: String,
     /// Directories searched for plugin binaries (`CNI_PATH`).
     pub plugin_dirs: Vec<PathBuf>,
+    /// Paths of the node's own file system the plugins see at their node paths (what a pod
+    /// installed for them, e.g. the node agent's socket named in the configuration).
+    pub binds: Vec<netns::Bind>,
 }
 
 impl Invocation {
@@ -149,6 +152,11 @@ impl Invocation {
         let binary = self.find(&plugin)?;
         let cni_path = std::env::join_paths(&self.plugin_dirs).unwrap_or_default();
         let mut cmd: Command = netns::command_in(&self.node_netns, &binary);
+        netns::with_binds(&mut cmd, &self.binds).map_err(|e| Error::Plugin {
+            command,
+            plugin: plugin.clone(),
+            message: format!("preparing the node's paths: {e}"),
+        })?;
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)

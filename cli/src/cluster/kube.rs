@@ -109,6 +109,9 @@ pub enum Error {
     /// A command in a namespace failed.
     #[error(transparent)]
     Command(#[from] netns::Error),
+    /// The cluster add-ons could not be applied.
+    #[error("applying the cluster add-ons (CoreDNS): {0}")]
+    Addons(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -185,6 +188,15 @@ impl Paths {
     /// A kubeconfig by name (`admin`, `admin-in-cluster`, `controller-manager`, `scheduler`).
     pub fn kubeconfig(&self, name: &str) -> PathBuf {
         self.root.join(format!("{name}.kubeconfig"))
+    }
+
+    /// Node `node`'s kubelet API serving certificate and key.
+    pub fn kubelet_serving(&self, node: u8) -> (PathBuf, PathBuf) {
+        let base = format!("kubelet-{}-serving", layout::node_name(node));
+        (
+            self.pki().join(format!("{base}.crt")),
+            self.pki().join(format!("{base}.key")),
+        )
     }
 
     /// The loopback port of the host-side apiserver forwarder, once it listens.
@@ -399,6 +411,13 @@ pub fn create_pki(paths: &Paths, nodes: u8) -> Result<(), Error> {
     }
     for node in 1..=nodes {
         let user = format!("system:node:{}", layout::node_name(node));
+        // The kubelet API's serving certificate (the apiserver checks the node's IP in it).
+        let name = layout::node_name(node);
+        let ip = IpAddr::V4(layout::node_ip(node));
+        let (cert, key) = ca.issue(&user, &["system:nodes"], Some((&[name.as_str()], &[ip])))?;
+        let (cert_path, key_path) = paths.kubelet_serving(node);
+        std::fs::write(&cert_path, cert).map_err(io(format!("writing {}", cert_path.display())))?;
+        write_private(&key_path, &key)?;
         let (cert, key) = ca.issue(&user, &["system:nodes"], None)?;
         write_private(
             &paths.kubeconfig(&kubelet_kubeconfig_name(node)),
@@ -473,6 +492,8 @@ pub fn args(program: &str, paths: &Paths) -> Vec<String> {
                 ),
                 format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
                 format!("--kubelet-certificate-authority={}", p("ca.crt")),
+                // Node names do not resolve in the sealed cluster: dial kubelets by IP.
+                "--kubelet-preferred-address-types=InternalIP".into(),
                 format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
@@ -530,22 +551,58 @@ pub fn args(program: &str, paths: &Paths) -> Vec<String> {
 /// [`Error::Missing`] before anything starts if a program is not installed; [`Error::NotReady`]
 /// with the end of its log if one exits or the apiserver is not ready in time.
 pub fn start(layout: &Layout) -> Result<Duration, Error> {
-    let paths = Paths::new(layout);
     let programs = PROGRAMS
         .iter()
         .map(|name| program(name).map(|path| (*name, path)))
         .collect::<Result<Vec<_>, _>>()?;
-    let kubectl = program("kubectl")?;
     let started = Instant::now();
-    let netns_name = layout.control_plane_netns();
     for (name, path) in programs {
+        start_one(layout, name, &path)?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Stops control-plane program `name` (SIGTERM; SIGKILL after 15 s) and starts it again with
+/// the same arguments, waiting until it is ready as [`start`] does — what an upgrade or a crash
+/// of, e.g., the apiserver looks like to the cluster. Returns how long it was away.
+///
+/// # Errors
+/// [`Error::NotReady`] when it does not come back; [`Error::Missing`] for an unknown program.
+pub fn restart(layout: &Layout, name: &str) -> Result<Duration, Error> {
+    let path = program(name)?;
+    let stopped = Instant::now();
+    for pid in netns::pids(&layout.control_plane_netns()) {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe == path {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while process_alive(pid.as_raw()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    start_one(layout, name, &path)?;
+    Ok(stopped.elapsed())
+}
+
+/// Starts one control-plane program in the control-plane netns and waits until it is ready.
+fn start_one(layout: &Layout, name: &str, path: &Path) -> Result<(), Error> {
+    let paths = Paths::new(layout);
+    let kubectl = program("kubectl")?;
+    let netns_name = layout.control_plane_netns();
+    {
         let log_path = paths.log(name);
-        let log = std::fs::File::create(&log_path)
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let log_err = log
             .try_clone()
             .map_err(io(format!("creating {}", log_path.display())))?;
-        let mut cmd = netns::command_in(&netns_name, &path);
+        let mut cmd = netns::command_in(&netns_name, path);
         cmd.args(args(name, &paths))
             .stdin(Stdio::null())
             .stdout(log)
@@ -599,7 +656,7 @@ pub fn start(layout: &Layout) -> Result<Duration, Error> {
             }
         }
     }
-    Ok(started.elapsed())
+    Ok(())
 }
 
 fn wait_listening(netns_name: &str, addr: (Ipv4Addr, u16), pid: i32) -> Result<(), ()> {
@@ -616,6 +673,28 @@ fn wait_listening(netns_name: &str, addr: (Ipv4Addr, u16), pid: i32) -> Result<(
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(())
+}
+
+/// The cluster add-ons `weft cluster up --kubernetes` installs, as kubeadm does: CoreDNS behind
+/// the `kube-dns` Service.
+pub const ADDONS: &str = include_str!("addons/coredns.yaml");
+
+/// Applies [`ADDONS`] (server-side, so a second `up` of the same API changes nothing).
+///
+/// # Errors
+/// [`Error::Addons`] with kubectl's message.
+pub fn apply_addons(layout: &Layout) -> Result<(), Error> {
+    let mut cmd = kubectl_in(layout)?;
+    cmd.args([
+        "apply",
+        "--server-side",
+        "--field-manager=weft-cluster",
+        "-f",
+        "-",
+    ]);
+    netns::run(&mut cmd, Some(ADDONS.as_bytes()))
+        .map(drop)
+        .map_err(|e| Error::Addons(e.to_string()))
 }
 
 /// Runs `kubectl` with the admin kubeconfig inside the control-plane netns (no forwarder

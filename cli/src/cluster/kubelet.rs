@@ -6,11 +6,14 @@
 //! It registers its `Node` (labels, `podCIDR`, addresses, capacity, `Ready`), renews its
 //! `Lease` in `kube-node-lease` and posts node status every [`HEARTBEAT`]; it watches the Pods
 //! bound to it (`spec.nodeName`, a kube-rs reflector) and runs each with [`super::pod`]: a pod
-//! network namespace from the node's CNI chain, each container's `command` + `args` as a host
-//! program in it (an image maps to nothing: the command is a program found next to `weft` or on
-//! `PATH`), a ServiceAccount token from the TokenRequest API (audience `istio-ca`, bound to the
-//! pod, in the file `$WEFT_SERVICE_ACCOUNT_TOKEN_FILE` names), readiness probes, and the
-//! `PodStatus` it reports through `pods/status`. A pod being deleted gets SIGTERM, SIGKILL after
+//! network namespace from the node's CNI chain (the first config of the node's
+//! `etc/cni/net.d`, plugins from its `opt/cni/bin` first), each container's `command` + `args`
+//! as a host program in it (an image maps to nothing: the command is a program found next to
+//! `weft`, among the Kubernetes binaries or on `PATH`), its volumes ([`super::volume`]: ConfigMaps
+//! and Secrets read from the API, projected ServiceAccount tokens from the TokenRequest API bound
+//! to the pod), `/etc/resolv.conf` pointing at [`CLUSTER_DNS`], readiness probes, and the
+//! `PodStatus` it reports through `pods/status`. It serves `kubectl logs` on port 10250
+//! ([`super::kubelet_api`]). A pod being deleted gets SIGTERM, SIGKILL after
 //! its grace period, then the kubelet's final delete (grace 0, UID precondition) — without it a
 //! pod would stay `Terminating` and its namespace would never go away.
 
@@ -26,7 +29,9 @@ use ::kube::runtime::{WatchStreamExt, reflector, watcher};
 use ::kube::{Client, ResourceExt};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccountTokenProjection};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, Pod, Secret, Service, ServiceAccountTokenProjection,
+};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
@@ -34,6 +39,7 @@ use super::layout::{self, Layout};
 use super::manifest::Object;
 use super::netns;
 use super::pod::{self, Host, PodRuntime, pod_status};
+use super::{kubelet_api, volume};
 
 /// How often the kubelet renews its Lease and posts node status (the kubelet's default is 10 s).
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -48,6 +54,12 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Name of the file the kubelet creates in its node's directory once it serves.
 pub const READY_FILE: &str = "kubelet.ready";
+/// The cluster DNS Service's address (`kube-dns` in `kube-system`), in pods' `resolv.conf`.
+pub const CLUSTER_DNS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+/// The node's CNI configuration directory, under its root ([`Layout::node_root`]).
+pub const CNI_CONF_DIR: &str = "etc/cni/net.d";
+/// The node's CNI plugin directory, under its root, searched first.
+pub const CNI_BIN_DIR: &str = "opt/cni/bin";
 
 /// What one kubelet runs.
 #[derive(Debug, Clone)]
@@ -128,6 +140,55 @@ impl Host for NodeHost {
         true
     }
 
+    fn volume_sources<'a>(
+        &'a self,
+        runtime: &'a PodRuntime,
+        object: &'a Object,
+    ) -> Option<Box<dyn volume::Sources + 'a>> {
+        Some(Box::new(PodSources {
+            host: self,
+            runtime,
+            object,
+        }))
+    }
+
+    fn cluster_dns(&self) -> Option<std::net::Ipv4Addr> {
+        Some(CLUSTER_DNS)
+    }
+
+    /// The first `*.conflist` or `*.conf` of the node's CNI configuration directory, in
+    /// lexical order (the file a container runtime picks).
+    fn conflist_path(&self, node: u8) -> PathBuf {
+        let dir = self.config.layout.node_root(node).join(CNI_CONF_DIR);
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "conflist" || e == "conf")
+            })
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| dir.join("10-weft.conflist"))
+    }
+
+    fn cni_binds(&self, node: u8) -> Vec<netns::Bind> {
+        let root = self.config.layout.node_root(node);
+        let mut binds: Vec<netns::Bind> = self
+            .pods
+            .state()
+            .iter()
+            .flat_map(|p| volume::node_private_paths(p, &root))
+            .collect();
+        binds.sort_by(|a, b| a.target.cmp(&b.target));
+        binds.dedup();
+        binds
+    }
+
     fn services(&self, namespace: &str) -> Result<Vec<Value>, String> {
         Ok(self
             .services
@@ -178,6 +239,102 @@ impl Host for NodeHost {
             .write(token_file)
             .map_err(|e| e.to_string())?;
         Ok(None)
+    }
+}
+
+/// Where a pod's volumes come from on the kubelet: ConfigMaps and Secrets read from the API
+/// (the Node authorizer lets a kubelet read those its pods use), tokens from TokenRequest.
+struct PodSources<'a> {
+    host: &'a NodeHost,
+    runtime: &'a PodRuntime,
+    object: &'a Object,
+}
+
+impl volume::Sources for PodSources<'_> {
+    fn data(
+        &self,
+        secret: bool,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+        let client = self.host.client.clone();
+        let result = if secret {
+            let api: Api<Secret> = Api::namespaced(client, namespace);
+            self.host.handle.block_on(api.get_opt(name)).map(|s| {
+                s.map(|s| {
+                    let mut data: BTreeMap<String, Vec<u8>> = s
+                        .string_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .collect();
+                    data.extend(
+                        s.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0)),
+                    );
+                    data
+                })
+            })
+        } else {
+            let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+            self.host.handle.block_on(api.get_opt(name)).map(|c| {
+                c.map(|c| {
+                    let mut data: BTreeMap<String, Vec<u8>> = c
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .collect();
+                    data.extend(
+                        c.binary_data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0)),
+                    );
+                    data
+                })
+            })
+        };
+        let kind = if secret { "Secret" } else { "ConfigMap" };
+        result.map_err(|e| format!("reading {kind} {namespace}/{name}: {}", api_message(&e)))
+    }
+
+    fn token(&self, audience: Option<&str>, expiration_seconds: i64) -> Result<String, String> {
+        let namespace = self.runtime.key.namespace.as_deref().unwrap_or("default");
+        let service_account = self.object.0["spec"]["serviceAccountName"]
+            .as_str()
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or("default");
+        let source = ServiceAccountTokenProjection {
+            audience: audience.map(str::to_owned),
+            expiration_seconds: Some(expiration_seconds),
+            path: String::new(),
+        };
+        self.host
+            .handle
+            .block_on(request_token(
+                &self.host.client,
+                namespace,
+                service_account,
+                &source,
+                (&self.runtime.key.name, &self.runtime.uid),
+            ))
+            .map_err(|e| {
+                format!(
+                    "requesting a token for ServiceAccount {namespace}/{service_account}: {}",
+                    api_message(&e)
+                )
+            })
+    }
+
+    fn field(&self, path: &str) -> Option<String> {
+        pod::field_value(path, self.object, self.runtime, &self.host.config.layout)
+    }
+
+    fn node_root(&self) -> PathBuf {
+        self.host.config.layout.node_root(self.host.config.node)
     }
 }
 
@@ -428,6 +585,23 @@ pub fn run(config: Config, stop: &AtomicBool) -> Result<(), Error> {
     });
     if synced.is_err() {
         return Err(Error::NotSynced(node_name));
+    }
+    {
+        // The kubelet API (container logs) on the node's IP.
+        let paths = super::kube::Paths::new(&config.layout);
+        let (cert, key) = paths.kubelet_serving(config.node);
+        let addr = std::net::SocketAddr::from((layout::node_ip(config.node), kubelet_api::PORT));
+        match kubelet_api::tls_config(&cert, &key, &paths.ca_cert()) {
+            Ok(tls) => {
+                let (pods, layout) = (pods.clone(), config.layout.clone());
+                runtime.spawn(async move {
+                    if let Err(err) = kubelet_api::serve(addr, tls, pods, layout).await {
+                        kubelet_api::report(&err);
+                    }
+                });
+            }
+            Err(err) => kubelet_api::report(&err),
+        }
     }
     let tick = config.tick;
     let ready_file = config.layout.node_dir(config.node).join(READY_FILE);
@@ -690,6 +864,13 @@ impl Kubelet {
                     .and_then(|c| c.image.clone())
                     .unwrap_or_default();
                 s["image"] = json!(image);
+            }
+        }
+        // A merge patch keeps what it does not name: clear a waiting pod's reason and message
+        // once it runs.
+        if let Some(fields) = status.as_object_mut() {
+            for key in ["reason", "message"] {
+                fields.entry(key).or_insert(Value::Null);
             }
         }
         if status == rt.last_status {

@@ -79,6 +79,13 @@ impl Layout {
         self.state_dir.join("nodes").join(node_name(node))
     }
 
+    /// Node `node`'s own root directory on a Kubernetes cluster: where its `hostPath` volumes
+    /// that are not the machine's live (see [`super::volume::host_path`]), its CNI
+    /// configuration (`etc/cni/net.d`) and plugins (`opt/cni/bin`) among them.
+    pub fn node_root(&self, node: u8) -> PathBuf {
+        self.node_dir(node).join("root")
+    }
+
     /// Per-pod files: container logs.
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.state_dir.join("pods").join(uid)

@@ -145,20 +145,119 @@ pub fn command_setns(
     Ok(cmd)
 }
 
-/// A command that runs `program` as a pod's process: inside `netns` and inside a UTS namespace
-/// of its own whose hostname is `hostname` (the pod's name), as the kubelet gives every pod
-/// (Kubernetes sets a pod's hostname to `metadata.name`). Every container and `exec` of the pod
-/// gets the same hostname this way; only the hostname is private, the file system and the
-/// other namespaces are the host's.
+/// A bind mount a process gets in a mount namespace of its own: `source` (a host path) seen at
+/// `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The host path (a directory or a file).
+    pub source: std::path::PathBuf,
+    /// Where the process sees it.
+    pub target: std::path::PathBuf,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// Binds ready to be made in a forked child: the paths as C strings, made before the fork.
+struct PreparedBinds(Vec<(std::ffi::CString, std::ffi::CString, bool)>);
+
+impl PreparedBinds {
+    /// Creates each missing target (an empty directory, or an empty file for a file source —
+    /// the mount point stays empty on the host) and converts the paths.
+    fn new(binds: &[Bind]) -> std::io::Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut prepared = Vec::new();
+        for bind in binds {
+            if bind.source == bind.target {
+                continue;
+            }
+            if bind.source.is_dir() {
+                std::fs::create_dir_all(&bind.target)?;
+            } else if !bind.target.exists() {
+                if let Some(parent) = bind.target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                File::create(&bind.target)?;
+            }
+            let c = |p: &Path| {
+                std::ffi::CString::new(p.as_os_str().as_bytes())
+                    .map_err(|_| std::io::Error::other(format!("{} has a NUL byte", p.display())))
+            };
+            prepared.push((c(&bind.source)?, c(&bind.target)?, bind.read_only));
+        }
+        Ok(PreparedBinds(prepared))
+    }
+
+    /// In the child: a mount namespace of its own whose mounts receive the host's but never
+    /// propagate back (`/` recursively a slave), then each bind.
+    fn apply(&self) -> std::io::Result<()> {
+        use nix::mount::{MsFlags, mount};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+        mount(
+            None::<&str>,
+            c"/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
+            None::<&str>,
+        )?;
+        for (source, target, read_only) in &self.0 {
+            mount(
+                Some(source.as_c_str()),
+                target.as_c_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            if *read_only {
+                mount(
+                    None::<&str>,
+                    target.as_c_str(),
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes `cmd` run with `binds` in a mount namespace of its own (nothing when `binds` is
+/// empty). Missing targets are created on the host first, as empty mount points.
 ///
 /// # Errors
-/// When spawned, an error if the UTS namespace cannot be made (needs CAP_SYS_ADMIN) or the
-/// hostname is invalid (longer than 64 bytes).
+/// When a target cannot be created or a path has a NUL byte; when spawned, an error if a mount
+/// fails (needs CAP_SYS_ADMIN).
+pub fn with_binds(cmd: &mut Command, binds: &[Bind]) -> std::io::Result<()> {
+    if binds.iter().all(|b| b.source == b.target) {
+        return Ok(());
+    }
+    let prepared = PreparedBinds::new(binds)?;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only makes system calls
+    // (unshare(2), mount(2)) on C strings allocated before the fork: it allocates nothing,
+    // takes no lock and touches no state another thread could hold.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || prepared.apply());
+    }
+    Ok(())
+}
+
+/// A command that runs `program` as a pod's process: inside `netns`, inside a UTS namespace
+/// of its own whose hostname is `hostname` (the pod's name), as the kubelet gives every pod
+/// (Kubernetes sets a pod's hostname to `metadata.name`), and with its volumes (`binds`) in a
+/// mount namespace of its own. Every container and `exec` of the pod gets the same hostname
+/// this way; beyond its volumes the file system is the host's. `ip netns exec` also puts the
+/// files of `/etc/netns/<netns>/` (the pod's `resolv.conf`) over those of `/etc`.
+///
+/// # Errors
+/// When a volume's mount point cannot be made; when spawned, an error if the namespaces cannot
+/// be made (needs CAP_SYS_ADMIN) or the hostname is invalid (longer than 64 bytes).
 pub fn pod_command_in(
     netns: &str,
     hostname: &str,
     program: impl AsRef<std::ffi::OsStr>,
-) -> Command {
+    binds: &[Bind],
+) -> std::io::Result<Command> {
     let mut cmd = command_in(netns, program);
     let hostname = hostname.to_owned();
     #[allow(unsafe_code)]
@@ -172,7 +271,8 @@ pub fn pod_command_in(
             Ok(())
         });
     }
-    cmd
+    with_binds(&mut cmd, binds)?;
+    Ok(cmd)
 }
 
 /// Creates a named network namespace with its loopback up.

@@ -54,6 +54,15 @@ pub fn create(layout: &Layout, nodes: u8) -> Result<(), Error> {
             &format!("{}/24", layout::node_ip(node)),
         )?;
         pod_routes(&name, Some(node))?;
+        // The Service range, so the node's own processes (hostNetwork pods) can connect to a
+        // Service VIP: kube-proxy's OUTPUT rules then rewrite it to an endpoint. Without an
+        // endpoint's rewrite such a packet goes to the cluster network and is dropped there.
+        let services = format!(
+            "{}/{}",
+            layout::SERVICE_NETWORK.0,
+            layout::SERVICE_NETWORK.1
+        );
+        netns::ip_in(&name, &["route", "add", &services, "dev", "eth0"])?;
         sysctl(&name, "net.ipv4.ip_forward=1")?;
         proxy::install(&name)?;
     }

@@ -21,6 +21,7 @@ use super::layout::{self, Layout};
 use super::manifest::{Object, ObjectKey};
 use super::store;
 use super::token;
+use super::volume::{self, Volumes};
 use super::{cni, netns};
 
 /// What a node's pods get from the cluster they run in.
@@ -55,6 +56,33 @@ pub trait Host {
     /// Whether `hostNetwork: true` pods may run (in the node's namespace); default no.
     fn host_network_allowed(&self) -> bool {
         false
+    }
+    /// Where the pod's volumes come from; `None` (the default) when the host mounts no
+    /// volumes (the runner: its pods see the host's files as they are).
+    fn volume_sources<'a>(
+        &'a self,
+        runtime: &'a PodRuntime,
+        object: &'a Object,
+    ) -> Option<Box<dyn volume::Sources + 'a>> {
+        let _ = (runtime, object);
+        None
+    }
+    /// The cluster DNS server pods with `dnsPolicy: ClusterFirst` get in their
+    /// `/etc/resolv.conf`; `None` (the default) leaves the host's.
+    fn cluster_dns(&self) -> Option<Ipv4Addr> {
+        None
+    }
+    /// The CNI configuration list of node `node`.
+    fn conflist_path(&self, node: u8) -> PathBuf {
+        self.layout()
+            .node_dir(node)
+            .join("cni")
+            .join("10-weft.conflist")
+    }
+    /// Paths of node `node`'s own file system the CNI plugins must see at their node paths.
+    fn cni_binds(&self, node: u8) -> Vec<netns::Bind> {
+        let _ = node;
+        Vec::new()
     }
 }
 
@@ -149,6 +177,8 @@ pub struct PodRuntime {
     /// `hostNetwork: true`: the pod runs in its node's namespace ([`PodRuntime::netns`] is the
     /// node's) with the node's IP, and its network is never set up or torn down.
     pub host_network: bool,
+    /// Its volumes on the host, when the host mounts volumes ([`Host::volume_sources`]).
+    pub volumes: Option<Volumes>,
 }
 
 /// A sandbox to create again.
@@ -191,6 +221,7 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
         env_base: Vec::new(),
         object: Some(object.clone()),
         host_network: false,
+        volumes: None,
     };
     // Network set-up failures are retried (the pod stays Pending); the rest fail the pod.
     let mut sandbox_error = None;
@@ -212,8 +243,8 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
                 return Ok(Value::Null);
             }
             netns::add(&netns_name).map_err(|e| e.to_string())?;
-            let list = cni::read_conflist(&conflist_path(host, runtime.node))
-                .map_err(|e| e.to_string())?;
+            let list =
+                cni::read_conflist(&host.conflist_path(runtime.node)).map_err(|e| e.to_string())?;
             let result = cni::add(&list, &invocation(host, &runtime)).map_err(|e| e.to_string())?;
             runtime.ip = Some(cni::pod_ip(&result).map_err(|e| e.to_string())?);
             Ok(result)
@@ -222,7 +253,25 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
         if !runtime.host_network {
             let _ = std::fs::write(pod_dir.join("cni-result.json"), result.to_string());
             runtime.cni_result = Some(result);
+            let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+            if let Some(dns) = host
+                .cluster_dns()
+                .filter(|_| policy.starts_with("ClusterFirst"))
+            {
+                let dir = etc_netns_dir(&runtime.netns);
+                let namespace = runtime.key.namespace.as_deref().unwrap_or("default");
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| {
+                        std::fs::write(dir.join("resolv.conf"), volume::resolv_conf(dns, namespace))
+                    })
+                    .map_err(|e| format!("writing {}/resolv.conf: {e}", dir.display()))?;
+            }
         }
+        let volumes = match host.volume_sources(&runtime, object) {
+            Some(sources) => Some(volume::prepare(&pod_typed(object)?, &pod_dir, &*sources)?),
+            None => None,
+        };
+        runtime.volumes = volumes;
         let token_file = pod_dir.join(token::TOKEN_FILE_NAME);
         runtime.token_registration =
             host.issue_token(&runtime, spec.service_account_name.as_deref(), &token_file)?;
@@ -275,11 +324,13 @@ pub fn start(host: &dyn Host, object: &Object, uid: &str, node: Result<u8, Strin
     runtime
 }
 
-fn conflist_path(host: &dyn Host, node: u8) -> PathBuf {
-    host.layout()
-        .node_dir(node)
-        .join("cni")
-        .join("10-weft.conflist")
+/// `/etc/netns/<netns>/`: `ip netns exec` puts its files over `/etc`'s.
+fn etc_netns_dir(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
+fn pod_typed(object: &Object) -> Result<Pod, String> {
+    object.typed().map_err(|(f, m)| format!("{f}: {m}"))
 }
 
 fn invocation(host: &dyn Host, runtime: &PodRuntime) -> cni::Invocation {
@@ -291,6 +342,7 @@ fn invocation(host: &dyn Host, runtime: &PodRuntime) -> cni::Invocation {
         pod_name: runtime.key.name.clone(),
         pod_uid: runtime.uid.clone(),
         plugin_dirs: host.plugin_dirs().to_vec(),
+        binds: host.cni_binds(runtime.node),
     }
 }
 
@@ -324,6 +376,20 @@ fn base_env(
             token_file.display().to_string(),
         ),
     ];
+    // The API server's Service (`kubernetes` in `default`), which every pod gets whatever its
+    // `enableServiceLinks`: in-cluster clients find the API through it.
+    if let Some(api) = host
+        .services("default")?
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "kubernetes")
+        && let Some(ip) = api["spec"]["clusterIP"].as_str()
+    {
+        let port = api["spec"]["ports"][0]["port"].as_u64().unwrap_or(443);
+        env.push(("KUBERNETES_SERVICE_HOST".into(), ip.to_owned()));
+        env.push(("KUBERNETES_SERVICE_PORT".into(), port.to_string()));
+        env.push(("KUBERNETES_SERVICE_PORT_HTTPS".into(), port.to_string()));
+        env.push(("KUBERNETES_PORT".into(), format!("tcp://{ip}:{port}")));
+    }
     // Kubernetes-style service links for services in the pod's namespace.
     if object.0["spec"]["enableServiceLinks"] != false {
         let ns = runtime.key.namespace.as_deref().unwrap_or("default");
@@ -388,7 +454,24 @@ fn spawn(
         .open(&log_path)
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = netns::pod_command_in(&runtime.netns, &hostname(object, runtime), &program);
+    let binds = match &runtime.volumes {
+        Some(volumes) => volume::binds(container, volumes)?,
+        None => Vec::new(),
+    };
+    // This machine is every node: a mount over the cluster's own state (where the pods' files
+    // and logs are) would hide it from the container.
+    let state = host.layout().state_dir();
+    if let Some(bind) = binds.iter().find(|b| state.starts_with(&b.target)) {
+        return Err(format!(
+            "container {}: mountPath {} would hide the local cluster's state directory {} (use another path)",
+            container.name,
+            bind.target.display(),
+            state.display()
+        ));
+    }
+    let mut cmd =
+        netns::pod_command_in(&runtime.netns, &hostname(object, runtime), &program, &binds)
+            .map_err(|e| format!("container {}: preparing its mounts: {e}", container.name))?;
     cmd.args(&args)
         .env_clear()
         .envs(env)
@@ -426,7 +509,7 @@ fn teardown_network(host: &dyn Host, runtime: &PodRuntime) {
     }
     if runtime.node != 0
         && netns::exists(&runtime.netns)
-        && let Ok(list) = cni::read_conflist(&conflist_path(host, runtime.node))
+        && let Ok(list) = cni::read_conflist(&host.conflist_path(runtime.node))
         && let Err(err) = cni::del(
             &list,
             &invocation(host, runtime),
@@ -438,6 +521,7 @@ fn teardown_network(host: &dyn Host, runtime: &PodRuntime) {
     if let Err(err) = netns::delete(&runtime.netns) {
         warn!(pod = %runtime.key, error = %err, "deleting pod netns failed");
     }
+    let _ = std::fs::remove_dir_all(etc_netns_dir(&runtime.netns));
 }
 
 /// Polls one pod: notes containers that exited (and starts them again after
@@ -594,7 +678,7 @@ fn run_probe(node_netns: &str, ip: Ipv4Addr, probe: Probe) -> bool {
     .unwrap_or(false)
 }
 
-fn field_value(
+pub(super) fn field_value(
     path: &str,
     object: &Object,
     runtime: &PodRuntime,
@@ -887,6 +971,7 @@ pub(super) mod tests {
             env_base: Vec::new(),
             object: None,
             host_network: false,
+            volumes: None,
         };
         let pod: Pod = object.typed().unwrap();
         let container = &pod.spec.as_ref().unwrap().containers[0];

@@ -45,6 +45,9 @@ pub struct ClientConfig {
     pub http2: bool,
     /// The bound on each request, from connecting (when needed) to the last response byte.
     pub timeout: Duration,
+    /// Requests per second over all workers (request `n` starts no earlier than `n / rate`
+    /// seconds after the first); `None` sends each as soon as a worker is free.
+    pub rate: Option<f64>,
 }
 
 impl ClientConfig {
@@ -59,6 +62,7 @@ impl ClientConfig {
             concurrency: 1,
             http2: false,
             timeout: Duration::from_secs(5),
+            rate: None,
         }
     }
 }
@@ -249,6 +253,8 @@ struct Target {
     /// `Host` / `:authority`.
     authority: Authority,
     config: ClientConfig,
+    /// When the first request was due.
+    started: Instant,
 }
 
 /// Sends [`ClientConfig::count`] requests with [`ClientConfig::concurrency`] in flight and calls
@@ -320,6 +326,7 @@ fn target(config: ClientConfig) -> Result<Target, ClientError> {
         path,
         authority,
         config,
+        started: Instant::now(),
     })
 }
 
@@ -363,6 +370,10 @@ async fn worker(target: Arc<Target>, next: Arc<AtomicU64>, tx: mpsc::UnboundedSe
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= target.config.count {
             return;
+        }
+        if let Some(rate) = target.config.rate.filter(|r| *r > 0.0) {
+            let due = target.started + Duration::from_secs_f64(seq as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
         }
         let started = Instant::now();
         let outcome = match tokio::time::timeout(

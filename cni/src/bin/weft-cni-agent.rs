@@ -40,13 +40,13 @@ struct Args {
     #[arg(long, default_value = "/proc")]
     proc_root: PathBuf,
     /// Socket the CNI plugin calls.
-    #[arg(long, default_value = "/var/run/weft/cni-agent.sock")]
+    #[arg(long, default_value = "/var/run/weft-cni/cni-agent.sock")]
     plugin_socket: PathBuf,
     /// ZDS socket ztunnel connects to.
     #[arg(long, default_value = zds_default())]
     zds_socket: PathBuf,
     /// Where pod records are kept.
-    #[arg(long, default_value = "/var/run/weft")]
+    #[arg(long, default_value = "/var/run/weft-cni")]
     run_dir: PathBuf,
     /// Namespaces never enrolled.
     #[arg(long, value_delimiter = ',', default_value = "kube-system")]

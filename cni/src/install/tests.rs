@@ -78,7 +78,7 @@ impl Drop for Dirs {
 
 fn entry() -> Map<String, Value> {
     let Value::Object(map) = json!({
-        "agent_socket": "/var/run/weft/cni-agent.sock",
+        "agent_socket": "/var/run/weft-cni/cni-agent.sock",
         "log_file": "/var/log/weft-cni.log",
     }) else {
         unreachable!()
@@ -89,7 +89,7 @@ fn entry() -> Map<String, Value> {
 fn ours() -> Value {
     json!({
         "type": "weft-cni",
-        "agent_socket": "/var/run/weft/cni-agent.sock",
+        "agent_socket": "/var/run/weft-cni/cni-agent.sock",
         "log_file": "/var/log/weft-cni.log",
     })
 }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 /// Where the node agent listens when the network config sets no `agent_socket`.
-pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/weft/cni-agent.sock";
+pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/weft-cni/cni-agent.sock";
 
 /// Largest reply line the client accepts, in bytes (including the newline): 64 KiB.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;

@@ -6,7 +6,7 @@
 //!   "cniVersion": "1.1.0",
 //!   "name": "k8s-pod-network",
 //!   "type": "weft-cni",
-//!   "agent_socket": "/var/run/weft/cni-agent.sock",
+//!   "agent_socket": "/var/run/weft-cni/cni-agent.sock",
 //!   "agent_timeout_ms": 5000,
 //!   "exclude_namespaces": ["kube-system"],
 //!   "log_file": "/var/log/weft-cni.log",
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(config.cni_version, Version::V1_0_0);
         assert_eq!(
             config.agent_socket,
-            PathBuf::from("/var/run/weft/cni-agent.sock")
+            PathBuf::from("/var/run/weft-cni/cni-agent.sock")
         );
         assert_eq!(config.agent_timeout, Duration::from_millis(5000));
         assert_eq!(config.exclude_namespaces, vec!["kube-system".to_owned()]);
