@@ -881,6 +881,99 @@ fn weft_installs_with_helm_and_meshes_pods_reached_by_dns_names() {
         "a NACK: {connections}"
     );
 
+    // Only the RBAC the chart grants: with `pods` taken out of its ClusterRole, a restarted
+    // controller says which verb on which resource it was refused and does not serve a partial
+    // view; the ztunnels keep their last good config and traffic keeps flowing. With the rule
+    // back it serves again.
+    let role = json(&kc, &["get", "clusterrole", "weft-controller"]);
+    let mut cut = role.clone();
+    let resources = cut["rules"][0]["resources"]
+        .as_array_mut()
+        .expect("rule 0 resources");
+    resources.retain(|r| r != "pods");
+    cut["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let (ok, _, err) = kubectl(&kc, &["replace", "-f", "-"], Some(&cut.to_string()));
+    assert!(ok, "replace clusterrole: {err}");
+    let (ok, _, err) = kubectl(
+        &kc,
+        &[
+            "delete",
+            "pod",
+            "-n",
+            "istio-system",
+            "-l",
+            "app.kubernetes.io/name=weft-controller",
+            "--wait=false",
+        ],
+        None,
+    );
+    assert!(ok, "delete controller pod: {err}");
+    let old_uid = controller["metadata"]["uid"].as_str().unwrap().to_owned();
+    let mut refused_log = None;
+    wait_until(
+        "the new controller names the refused list",
+        Duration::from_secs(60),
+        || {
+            let new = pods_of(
+                &kc,
+                "istio-system",
+                "app.kubernetes.io/name=weft-controller",
+            );
+            let Some(pod) = new
+                .iter()
+                .find(|p| p["metadata"]["uid"] != old_uid.as_str())
+            else {
+                return false;
+            };
+            let log = layout
+                .pod_dir(pod["metadata"]["uid"].as_str().unwrap())
+                .join("controller.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            refused_log = Some(log);
+            text.contains("cannot list resource \"pods\"")
+        },
+    );
+    let before = std::fs::read_to_string(&client_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    std::thread::sleep(Duration::from_secs(4));
+    let text = std::fs::read_to_string(&client_log).unwrap_or_default();
+    let fresh: Vec<&str> = text.lines().skip(before).collect();
+    assert!(fresh.len() >= 6, "the client stalled: {fresh:?}");
+    assert!(
+        fresh.iter().all(|l| l.ends_with(" 200")),
+        "requests failed without the controller's pods list: {fresh:?}"
+    );
+    let refused = std::fs::read_to_string(refused_log.as_ref().unwrap()).unwrap_or_default();
+    assert!(
+        !refused.contains("controller ready"),
+        "served without listing pods: {refused}"
+    );
+    let mut restored = role.clone();
+    restored["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let (ok, _, err) = kubectl(&kc, &["replace", "-f", "-"], Some(&restored.to_string()));
+    assert!(ok, "restore clusterrole: {err}");
+    wait_until(
+        "the controller serves again",
+        Duration::from_secs(60),
+        || {
+            pods_of(
+                &kc,
+                "istio-system",
+                "app.kubernetes.io/name=weft-controller",
+            )
+            .iter()
+            .any(|p| p["metadata"]["uid"] != old_uid.as_str() && is_ready(p))
+        },
+    );
+
     // L7 where it pays: a waypoint Gateway for the namespace. The controller provisions its
     // Deployment (a pod on our kubelet, certificate from the CA by its projected token) and
     // programs the Gateway; the client's requests then cross it, in its access log with the

@@ -128,8 +128,12 @@ pub async fn translation_loop(
     settings: translate::Settings,
     debounce: std::time::Duration,
 ) {
-    translation_loop_with_routes(index, cache, settings, debounce, None).await;
+    translation_loop_with_routes(index, cache, settings, debounce, None, None).await;
 }
+
+/// The kinds the controller must have listed before it serves (Kubernetes source): until then
+/// its view is partial, and a ztunnel that connected would be told to drop what is missing.
+pub const REQUIRED_KINDS: &[weft_k8s::index::Kind] = &weft_k8s::index::Kind::ALL;
 
 /// [`translation_loop`], also handing every translation's route statuses to `routes` (read by
 /// [`provision_loop`]).
@@ -139,11 +143,19 @@ pub async fn translation_loop_with_routes(
     settings: translate::Settings,
     debounce: std::time::Duration,
     routes: Option<tokio::sync::watch::Sender<Vec<RouteStatus>>>,
+    ready: Option<(
+        tokio::sync::watch::Sender<bool>,
+        &'static [weft_k8s::index::Kind],
+    )>,
 ) {
     let mut changes = index.changes();
     let mut reported: Vec<String> = Vec::new();
     let mut translator = translate::Translator::new(settings);
     loop {
+        // Checked before the snapshot: every kind listed then is complete in it.
+        let listed = ready
+            .as_ref()
+            .is_some_and(|(_, kinds)| index.unsynced(kinds).is_empty());
         let snapshot = index.snapshot();
         let revision = snapshot.revision;
         let started = std::time::Instant::now();
@@ -163,6 +175,14 @@ pub async fn translation_loop_with_routes(
                 warn!(problem = %problem, "object skipped");
             }
             reported = out.problems.clone();
+        }
+        if let Some((ready, _)) = &ready
+            && listed
+            && !*ready.borrow()
+        {
+            // Ready once a translation covered a complete list of every required kind.
+            info!(revision, "every watched kind listed: serving");
+            let _ = ready.send(true);
         }
         info!(
             revision,
@@ -342,6 +362,12 @@ pub async fn run(
         ..translate::Settings::default()
     };
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(Vec::new());
+    // On Kubernetes, xDS and the CA are served only once every watched kind has been listed
+    // (as istiod waits for its informers): a controller that restarts while the API is away or
+    // refuses a list keeps its clients on their last good config instead of emptying it.
+    let (ready_tx, mut ready_rx) =
+        tokio::sync::watch::channel(config.source() != Source::Kubernetes);
+    let gate = (config.source() == Source::Kubernetes).then_some((ready_tx, REQUIRED_KINDS));
     tokio::spawn(
         translation_loop_with_routes(
             index.clone(),
@@ -349,6 +375,7 @@ pub async fn run(
             settings,
             config.debounce,
             Some(routes_tx),
+            gate,
         )
         .instrument(info_span!("translate")),
     );
@@ -403,6 +430,24 @@ pub async fn run(
         },
     );
     let ads = xds::Server::new(cache.clone(), registry.clone(), auth.clone());
+    let mut waited = std::time::Instant::now();
+    while !*ready_rx.borrow_and_update() {
+        if tokio::time::timeout(std::time::Duration::from_secs(10), ready_rx.changed())
+            .await
+            .is_ok_and(|r| r.is_err())
+        {
+            break;
+        }
+        if waited.elapsed() >= std::time::Duration::from_secs(10) {
+            let missing: Vec<String> = index
+                .unsynced(REQUIRED_KINDS)
+                .iter()
+                .map(|k| format!("{k:?}"))
+                .collect();
+            warn!(missing = ?missing, "not serving yet: waiting for the first complete list of these kinds (the watch errors above say why)");
+            waited = std::time::Instant::now();
+        }
+    }
     info!(listen = %config.listen, debug = %config.debug_listen, "controller ready");
     // Graceful first: ADS streams are ended cleanly (clients reconnect at once) and new ones
     // refused; anything still open after the drain deadline is closed.

@@ -31,7 +31,7 @@ async fn watch_kind<K>(
         match event {
             Ok(Event::Init) => buffer.clear(),
             Ok(Event::InitApply(object)) => buffer.push(wrap(Arc::new(object))),
-            Ok(Event::InitDone) => index.replace(kind, std::mem::take(&mut buffer)),
+            Ok(Event::InitDone) => index.replace_listed(kind, std::mem::take(&mut buffer)),
             Ok(Event::Apply(object)) => index.apply(wrap(Arc::new(object))),
             Ok(Event::Delete(object)) => index.delete(&wrap(Arc::new(object)).key()),
             Err(err) => warn!(kind = ?kind, error = %err, "watch failed; retrying"),

@@ -347,6 +347,8 @@ impl Snapshot {
 pub struct Index {
     state: RwLock<Snapshot>,
     changes: watch::Sender<u64>,
+    /// Kinds whose source has delivered a complete list at least once.
+    synced: RwLock<std::collections::BTreeSet<Kind>>,
 }
 
 impl Default for Index {
@@ -354,6 +356,7 @@ impl Default for Index {
         Index {
             state: RwLock::new(Snapshot::default()),
             changes: watch::channel(0).0,
+            synced: RwLock::new(std::collections::BTreeSet::new()),
         }
     }
 }
@@ -429,6 +432,38 @@ impl Index {
             }
             true
         });
+    }
+
+    /// [`Index::replace`] with a watcher's first complete list (`InitDone`): also records, in
+    /// the same update, that `kind` is listed, so a snapshot taken after [`Index::unsynced`]
+    /// stopped naming `kind` holds that list.
+    pub fn replace_listed(&self, kind: Kind, items: Vec<Resource>) {
+        self.update(|s| {
+            for key in s.keys(kind) {
+                s.remove(&key);
+            }
+            for item in items.into_iter().filter(|i| i.kind() == kind) {
+                s.insert(item);
+            }
+            self.synced
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(kind);
+            true
+        });
+    }
+
+    /// Those of `kinds` not listed completely yet (see [`Index::replace_listed`]).
+    pub fn unsynced(&self, kinds: &[Kind]) -> Vec<Kind> {
+        let synced = self
+            .synced
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kinds
+            .iter()
+            .copied()
+            .filter(|k| !synced.contains(k))
+            .collect()
     }
 
     /// Replaces every object of `kind` with `items` (a full relist from a source that owns the
