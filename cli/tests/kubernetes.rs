@@ -1039,6 +1039,23 @@ fn weft_installs_with_helm_and_meshes_pods_reached_by_dns_names() {
         );
     }
 
+    // What the controller provisions comes back when deleted by hand (its periodic resync).
+    let (ok, _, err) = kubectl(
+        &kc,
+        &["delete", "deployment", "waypoint", "-n", "demo"],
+        None,
+    );
+    assert!(ok, "delete the waypoint Deployment: {err}");
+    wait_until(
+        "the waypoint Deployment re-created and available",
+        Duration::from_secs(90),
+        || {
+            kubectl(&kc, &["get", "deployment", "waypoint", "-n", "demo"], None).0
+                && json(&kc, &["get", "deployment", "waypoint", "-n", "demo"])["status"]["availableReplicas"]
+                    == 1
+        },
+    );
+
     // A namespace deleted while enrolled cleans up: its pods stop, their network namespaces
     // (and the capture rules inside them) go, and no ztunnel keeps a proxy or a workload of it.
     let uids: Vec<String> = pods

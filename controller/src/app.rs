@@ -215,8 +215,13 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// How often the provisioner applies everything again even without a change (Kubernetes: an
+/// owned object deleted by hand comes back within this).
+pub const PROVISION_RESYNC: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Provisions waypoints and writes Gateway, GatewayClass and route status on every index or
-/// route-status change, at most once per `debounce` (see [`provision`]).
+/// route-status change, at most once per `debounce`, and every [`PROVISION_RESYNC`] (see
+/// [`provision`]).
 pub async fn provision_loop(
     index: Arc<Index>,
     writer: provision::Writer,
@@ -226,6 +231,7 @@ pub async fn provision_loop(
 ) {
     let mut changes = index.changes();
     let mut reported: Vec<String> = Vec::new();
+    let mut next_resync = tokio::time::Instant::now() + PROVISION_RESYNC;
     loop {
         let snapshot = index.snapshot();
         let statuses = routes.borrow_and_update().clone();
@@ -241,6 +247,11 @@ pub async fn provision_loop(
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             changed = routes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep_until(next_resync) => {}
+        }
+        if tokio::time::Instant::now() >= next_resync {
+            writer.forget_applied();
+            next_resync = tokio::time::Instant::now() + PROVISION_RESYNC;
         }
         tokio::time::sleep(debounce).await;
         changes.borrow_and_update();

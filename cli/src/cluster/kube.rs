@@ -571,9 +571,26 @@ pub fn start(layout: &Layout) -> Result<Duration, Error> {
 pub fn restart(layout: &Layout, name: &str) -> Result<Duration, Error> {
     let path = program(name)?;
     let stopped = Instant::now();
-    for pid in netns::pids(&layout.control_plane_netns()) {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        if exe == path {
+    // By the program's name in argv[0] (the exe link may read differently inside a chroot).
+    let is_it = |pid: i32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        Path::new(std::str::from_utf8(argv0).unwrap_or_default())
+            .file_name()
+            .is_some_and(|f| f == name)
+    };
+    let pids: Vec<i32> = netns::pids(&layout.control_plane_netns())
+        .into_iter()
+        .filter(|pid| is_it(*pid))
+        .collect();
+    if pids.is_empty() {
+        return Err(Error::NotReady {
+            program: name.to_owned(),
+            detail: "no running process of it in the control-plane namespace to restart".into(),
+        });
+    }
+    for pid in pids {
+        {
             let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(15);

@@ -69,6 +69,18 @@ impl Writer {
             applied: Arc::default(),
         }
     }
+
+    /// Forgets what was applied, so the next [`Writer::execute`] sends everything again: the
+    /// periodic resync that re-creates an owned object someone deleted (the controller does not
+    /// watch the Deployments and Services it provisions).
+    pub fn forget_applied(&self) {
+        if let Writer::Kube { applied, .. } = self {
+            applied
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+    }
 }
 
 impl std::fmt::Debug for Writer {
