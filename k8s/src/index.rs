@@ -438,19 +438,7 @@ impl Index {
     /// the same update, that `kind` is listed, so a snapshot taken after [`Index::unsynced`]
     /// stopped naming `kind` holds that list.
     pub fn replace_listed(&self, kind: Kind, items: Vec<Resource>) {
-        self.update(|s| {
-            for key in s.keys(kind) {
-                s.remove(&key);
-            }
-            for item in items.into_iter().filter(|i| i.kind() == kind) {
-                s.insert(item);
-            }
-            self.synced
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(kind);
-            true
-        });
+        self.replace_with(kind, items, true);
     }
 
     /// Those of `kinds` not listed completely yet (see [`Index::replace_listed`]).
@@ -469,12 +457,22 @@ impl Index {
     /// Replaces every object of `kind` with `items` (a full relist from a source that owns the
     /// kind).
     pub fn replace(&self, kind: Kind, items: Vec<Resource>) {
+        self.replace_with(kind, items, false);
+    }
+
+    fn replace_with(&self, kind: Kind, items: Vec<Resource>, listed: bool) {
         self.update(|s| {
             for key in s.keys(kind) {
                 s.remove(&key);
             }
             for item in items.into_iter().filter(|i| i.kind() == kind) {
                 s.insert(item);
+            }
+            if listed {
+                self.synced
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(kind);
             }
             true
         });

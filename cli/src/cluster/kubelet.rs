@@ -43,9 +43,6 @@ use super::{kubelet_api, volume};
 
 /// How often the kubelet renews its Lease and posts node status (the kubelet's default is 10 s).
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
-/// The audience of the ServiceAccount token a pod's containers are pointed at when a projected
-/// volume asks for it (the mesh CA's, as Istio's).
-pub const TOKEN_AUDIENCE: &str = "istio-ca";
 /// The token's lifetime when its volume gives none, seconds (the API's minimum is 600).
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// Grace period when a pod has none (`terminationGracePeriodSeconds` defaults to 30).
@@ -199,45 +196,14 @@ impl Host for NodeHost {
             .collect())
     }
 
-    /// A token from the TokenRequest API, bound to the pod, for the audience of one of the
-    /// pod's projected `serviceAccountToken` volumes ([`TOKEN_AUDIENCE`] first): the Node
-    /// authorizer lets a kubelet request only those. A pod without one gets no token.
+    /// Nothing: on the kubelet a pod's tokens are those its projected `serviceAccountToken`
+    /// volumes ask for (written by [`volume::prepare`] through TokenRequest), as on Kubernetes.
     fn issue_token(
         &self,
-        runtime: &PodRuntime,
-        service_account: Option<&str>,
-        token_file: &Path,
+        _runtime: &PodRuntime,
+        _service_account: Option<&str>,
+        _token_file: &Path,
     ) -> Result<Option<PathBuf>, String> {
-        let namespace = runtime.key.namespace.as_deref().unwrap_or("default");
-        let service_account = service_account
-            .filter(|sa| !sa.is_empty())
-            .unwrap_or("default");
-        let pod = self
-            .pods
-            .state()
-            .into_iter()
-            .find(|p| p.uid().as_deref() == Some(runtime.uid.as_str()));
-        let Some(source) = pod.as_deref().and_then(projected_token) else {
-            return Ok(None);
-        };
-        let token = self
-            .handle
-            .block_on(request_token(
-                &self.client,
-                namespace,
-                service_account,
-                &source,
-                (&runtime.key.name, &runtime.uid),
-            ))
-            .map_err(|e| {
-                format!(
-                    "requesting a token for ServiceAccount {namespace}/{service_account}: {}",
-                    api_message(&e)
-                )
-            })?;
-        super::token::Token::from_secret(token)
-            .write(token_file)
-            .map_err(|e| e.to_string())?;
         Ok(None)
     }
 }
@@ -258,44 +224,29 @@ impl volume::Sources for PodSources<'_> {
         name: &str,
     ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
         let client = self.host.client.clone();
+        // Text entries, then binary ones (`data` of a Secret, `binaryData` of a ConfigMap).
+        let merge = |text: Option<BTreeMap<String, String>>,
+                     bytes: Option<BTreeMap<String, k8s_openapi::ByteString>>| {
+            let mut data: BTreeMap<String, Vec<u8>> = text
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            data.extend(bytes.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+            data
+        };
         let result = if secret {
             let api: Api<Secret> = Api::namespaced(client, namespace);
-            self.host.handle.block_on(api.get_opt(name)).map(|s| {
-                s.map(|s| {
-                    let mut data: BTreeMap<String, Vec<u8>> = s
-                        .string_data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
-                        .collect();
-                    data.extend(
-                        s.data
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(k, v)| (k, v.0)),
-                    );
-                    data
-                })
-            })
+            self.host
+                .handle
+                .block_on(api.get_opt(name))
+                .map(|s| s.map(|s| merge(s.string_data, s.data)))
         } else {
             let api: Api<ConfigMap> = Api::namespaced(client, namespace);
-            self.host.handle.block_on(api.get_opt(name)).map(|c| {
-                c.map(|c| {
-                    let mut data: BTreeMap<String, Vec<u8>> = c
-                        .data
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
-                        .collect();
-                    data.extend(
-                        c.binary_data
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|(k, v)| (k, v.0)),
-                    );
-                    data
-                })
-            })
+            self.host
+                .handle
+                .block_on(api.get_opt(name))
+                .map(|c| c.map(|c| merge(c.data, c.binary_data)))
         };
         let kind = if secret { "Secret" } else { "ConfigMap" };
         result.map_err(|e| format!("reading {kind} {namespace}/{name}: {}", api_message(&e)))
@@ -336,26 +287,6 @@ impl volume::Sources for PodSources<'_> {
     fn node_root(&self) -> PathBuf {
         self.host.config.layout.node_root(self.host.config.node)
     }
-}
-
-/// The pod's projected ServiceAccount token to write: audience [`TOKEN_AUDIENCE`] if a volume
-/// asks for it, else the first one (e.g. the API-access volume admission adds).
-fn projected_token(pod: &Pod) -> Option<ServiceAccountTokenProjection> {
-    let sources: Vec<ServiceAccountTokenProjection> = pod
-        .spec
-        .as_ref()?
-        .volumes
-        .iter()
-        .flatten()
-        .filter_map(|v| v.projected.as_ref())
-        .flat_map(|p| p.sources.iter().flatten())
-        .filter_map(|s| s.service_account_token.clone())
-        .collect();
-    sources
-        .iter()
-        .find(|s| s.audience.as_deref() == Some(TOKEN_AUDIENCE))
-        .or_else(|| sources.first())
-        .cloned()
 }
 
 /// An API error's own message (the Status message), else the error's chain.

@@ -371,11 +371,14 @@ fn base_env(
         ("PATH".to_owned(), path.to_string_lossy().into_owned()),
         ("HOSTNAME".to_owned(), hostname(object, runtime)),
         ("HOME".to_owned(), "/root".to_owned()),
-        (
+    ];
+    // The token the host issued, if it issued one (the runner; the kubelet's come from volumes).
+    if token_file.is_file() {
+        env.push((
             token::TOKEN_FILE_ENV.to_owned(),
             token_file.display().to_string(),
-        ),
-    ];
+        ));
+    }
     // The API server's Service (`kubernetes` in `default`), which every pod gets whatever its
     // `enableServiceLinks`: in-cluster clients find the API through it.
     if let Some(api) = host
