@@ -7,6 +7,7 @@
 //! CNI chain), [`store`] (the object store), [`manifest`] (parsing and validation), [`runner`]
 //! (kubelet + scheduler + controllers, one daemon per cluster) and [`proxy`] (service VIP rules).
 
+pub mod api;
 pub mod cni;
 pub mod expansion;
 pub mod helm;
@@ -16,6 +17,7 @@ pub mod kubelet_api;
 pub mod layout;
 pub mod netns;
 pub mod network;
+pub mod objects;
 pub mod pod;
 pub mod proxy;
 pub mod runner;
@@ -34,6 +36,7 @@ use serde_json::json;
 
 pub use layout::Layout;
 pub use manifest::{Object, ObjectKey};
+pub use objects::Objects;
 pub use store::{Outcome, Store};
 pub use weft_k8s::{manifest, store};
 
@@ -48,6 +51,14 @@ pub const CONTROL_PLANE_SERVER_NAME: &str = "weft-controller.istio-system.svc";
 pub const CONTROL_PLANE_PORT: u16 = 15012;
 /// Port of the control plane's debug HTTP endpoint.
 pub const CONTROL_PLANE_DEBUG_PORT: u16 = 15014;
+/// The `app` label of the CNI node agent's DaemonSet pods.
+pub const CNI_APP: &str = "weft-cni";
+/// How long a component restart or scale (on a `--kubernetes` cluster) may take.
+pub const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Port of ztunnel's admin endpoint (`/config_dump`), on its loopback.
+pub const ZTUNNEL_ADMIN_PORT: u16 = 15000;
+/// Port of ztunnel's metrics (`/metrics`, `/stats/prometheus`).
+pub const ZTUNNEL_STATS_PORT: u16 = 15020;
 
 /// Errors of cluster operations.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +89,9 @@ pub enum Error {
     /// The object store failed or refused an apply.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// The cluster's objects (API server or store) could not be read or written.
+    #[error(transparent)]
+    Objects(#[from] objects::Error),
     /// A manifest is invalid.
     #[error(transparent)]
     Manifest(#[from] manifest::Error),
@@ -193,6 +207,8 @@ pub struct Cluster {
     layout: Layout,
     description: Description,
     store: Store,
+    /// The API server connection of a `--kubernetes` cluster, opened on first use.
+    api: std::sync::Arc<std::sync::OnceLock<api::KubeApi>>,
 }
 
 /// Whether this process may build clusters.
@@ -263,6 +279,7 @@ impl Cluster {
             store: Store::new(layout.store_dir()),
             layout,
             description,
+            api: Default::default(),
         };
         if let Err(err) = cluster.build(options, &weft_exe) {
             let _ = Cluster::down(&options.name, options.state_dir.as_deref());
@@ -515,6 +532,9 @@ impl Cluster {
     /// # Errors
     /// [`Error::Runner`] if no controller was started (no pid recorded).
     pub fn stop_control_plane(&self) -> Result<(), Error> {
+        if self.description.kubernetes {
+            return self.scale_controller(0);
+        }
         let path = self.layout.state_dir().join("controller.pid");
         let pid = std::fs::read_to_string(&path)
             .ok()
@@ -531,6 +551,9 @@ impl Cluster {
     /// # Errors
     /// [`Error::Runner`] if the program is missing or does not start listening within 20 s.
     pub fn start_control_plane(&self) -> Result<(), Error> {
+        if self.description.kubernetes {
+            return self.scale_controller(1);
+        }
         let layout = &self.layout;
         let program = self
             .description
@@ -597,6 +620,119 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Scales the Helm-installed controller Deployment to `replicas` (0: an outage, as
+    /// `kubectl scale --replicas=0`) and waits until exactly that many controller pods run and
+    /// are Ready.
+    fn scale_controller(&self, replicas: u32) -> Result<(), Error> {
+        let key = ObjectKey::new(
+            "apps",
+            "Deployment",
+            Some(helm::NAMESPACE),
+            CONTROLLER_PROGRAM,
+        );
+        if !self
+            .kube_api()?
+            .merge_patch(&key, &json!({"spec": {"replicas": replicas}}))?
+        {
+            return Err(Error::NotFound(format!(
+                "Deployment {}/{CONTROLLER_PROGRAM}",
+                helm::NAMESPACE
+            )));
+        }
+        self.wait_app_pods(
+            helm::NAMESPACE,
+            CONTROLLER_PROGRAM,
+            None,
+            replicas as usize,
+            None,
+        )
+        .map(drop)
+    }
+
+    /// Waits (up to [`LIFECYCLE_TIMEOUT`]) until exactly `count` pods of `namespace` labelled
+    /// `app=<app>` (on node `node` when given) exist, all Ready and none of them `not_uid`;
+    /// returns them.
+    fn wait_app_pods(
+        &self,
+        namespace: &str,
+        app: &str,
+        node: Option<u8>,
+        count: usize,
+        not_uid: Option<&str>,
+    ) -> Result<Vec<Object>, Error> {
+        let node_name = node.map(layout::node_name);
+        let deadline = Instant::now() + LIFECYCLE_TIMEOUT;
+        loop {
+            let pods: Vec<Object> = self
+                .pods(Some(namespace))?
+                .into_iter()
+                .filter(|p| {
+                    p.0["metadata"]["labels"]["app"] == app
+                        && node_name
+                            .as_deref()
+                            .is_none_or(|n| p.0["spec"]["nodeName"] == n)
+                })
+                .collect();
+            let settled = pods.len() == count
+                && pods.iter().all(|p| {
+                    pod_ready(p)
+                        && p.0["metadata"]["deletionTimestamp"].is_null()
+                        && not_uid.is_none_or(|uid| p.uid() != Some(uid))
+                });
+            if settled {
+                return Ok(pods);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{count} Ready pod(s) app={app} in {namespace}{}",
+                        node_name.map(|n| format!(" on {n}")).unwrap_or_default()
+                    ),
+                    timeout: LIFECYCLE_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Deletes the pod of DaemonSet app `app` on node `node` (graceful, as `kubectl delete
+    /// pod`) and waits until the DaemonSet's replacement is Ready.
+    fn replace_daemon_pod(&self, app: &str, node: u8) -> Result<(), Error> {
+        let pod = self
+            .running_pod(helm::NAMESPACE, app, Some(node))?
+            .ok_or_else(|| Error::PodNotFound(format!("{app} on {}", layout::node_name(node))))?;
+        let uid = pod.uid().unwrap_or_default().to_owned();
+        self.objects()?.delete(&[pod.key()])?;
+        self.wait_app_pods(helm::NAMESPACE, app, Some(node), 1, Some(&uid))
+            .map(drop)
+    }
+
+    /// Restarts node `node`'s ztunnel: on a `--kubernetes` cluster its DaemonSet pod is deleted
+    /// and replaced (returns once the new one is Ready); on a process cluster the process is
+    /// stopped and started again.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`], [`Error::Timeout`] or [`Error::Runner`].
+    pub fn restart_ztunnel(&self, node: u8) -> Result<(), Error> {
+        if self.description.kubernetes {
+            return self.replace_daemon_pod("ztunnel", node);
+        }
+        self.stop_ztunnel(node)?;
+        self.start_ztunnel(node)
+    }
+
+    /// Restarts node `node`'s CNI node agent, as [`Cluster::restart_ztunnel`] does ztunnel.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`], [`Error::Timeout`] or [`Error::Runner`].
+    pub fn restart_cni_agent(&self, node: u8) -> Result<(), Error> {
+        if self.description.kubernetes {
+            return self.replace_daemon_pod(CNI_APP, node);
+        }
+        self.stop_cni_agent(node)?;
+        self.start_cni_agent(node)
     }
 
     /// The controller flags that shape the waypoint Deployments it renders: the program
@@ -666,9 +802,109 @@ impl Cluster {
         self.layout.node_dir(node).join("run")
     }
 
-    /// ztunnel's metrics address on node `node` (`/metrics`, `/stats/prometheus`).
+    /// ztunnel's metrics address on node `node` (`/metrics`, `/stats/prometheus`) of a process
+    /// cluster, where ztunnel runs in the node's namespace.
     pub fn ztunnel_stats_address(&self, node: u8) -> std::net::SocketAddr {
-        std::net::SocketAddr::from((layout::node_ip(node), 15020))
+        std::net::SocketAddr::from((layout::node_ip(node), ZTUNNEL_STATS_PORT))
+    }
+
+    /// The pod of Helm-installed ztunnel (DaemonSet `ztunnel` in `istio-system`, label
+    /// `app=ztunnel`) running on node `node` of a `--kubernetes` cluster, if it is Running.
+    ///
+    /// # Errors
+    /// [`Error::Objects`].
+    pub fn ztunnel_pod(&self, node: u8) -> Result<Option<Object>, Error> {
+        self.running_pod(helm::NAMESPACE, "ztunnel", Some(node))
+    }
+
+    /// A Running pod of `namespace` with label `app=<app>` (on node `node` when given).
+    fn running_pod(
+        &self,
+        namespace: &str,
+        app: &str,
+        node: Option<u8>,
+    ) -> Result<Option<Object>, Error> {
+        let node_name = node.map(layout::node_name);
+        Ok(self.pods(Some(namespace))?.into_iter().find(|p| {
+            p.0["metadata"]["labels"]["app"] == app
+                && node_name
+                    .as_deref()
+                    .is_none_or(|n| p.0["spec"]["nodeName"] == n)
+                && p.0["metadata"]["deletionTimestamp"].is_null()
+                && p.0["status"]["phase"] == "Running"
+        }))
+    }
+
+    /// Where node `node`'s ztunnel serves its admin endpoint (`/config_dump` on 127.0.0.1:15000):
+    /// the namespace to dial it from (the node's, or its DaemonSet pod's) and the address.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] when no ztunnel pod runs on the node; [`Error::Objects`].
+    pub fn ztunnel_admin(&self, node: u8) -> Result<(String, std::net::SocketAddr), Error> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ZTUNNEL_ADMIN_PORT));
+        if !self.description.kubernetes {
+            return Ok((self.layout.node_netns(node), addr));
+        }
+        let pod = self
+            .ztunnel_pod(node)?
+            .ok_or_else(|| Error::PodNotFound(format!("ztunnel on {}", layout::node_name(node))))?;
+        Ok((self.layout.pod_netns(pod.uid().unwrap_or_default()), addr))
+    }
+
+    /// Where the controller serves its debug endpoint (`/debug/connections`, port 15014): the
+    /// control-plane namespace and its address there, or (a `--kubernetes` cluster) the
+    /// controller pod's namespace and 127.0.0.1.
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] when no controller pod runs; [`Error::Objects`].
+    pub fn controller_debug(&self) -> Result<(String, std::net::SocketAddr), Error> {
+        if !self.description.kubernetes {
+            return Ok((
+                self.layout.control_plane_netns(),
+                std::net::SocketAddr::new(
+                    self.control_plane_address().ip(),
+                    CONTROL_PLANE_DEBUG_PORT,
+                ),
+            ));
+        }
+        let pod = self
+            .running_pod(helm::NAMESPACE, CONTROLLER_PROGRAM, None)?
+            .ok_or_else(|| {
+                Error::PodNotFound(format!("{CONTROLLER_PROGRAM} in {}", helm::NAMESPACE))
+            })?;
+        Ok((
+            self.layout.pod_netns(pod.uid().unwrap_or_default()),
+            std::net::SocketAddr::from(([127, 0, 0, 1], CONTROL_PLANE_DEBUG_PORT)),
+        ))
+    }
+
+    /// Where node `node`'s ztunnel serves its metrics, and the namespace to dial it from: the
+    /// node's namespace and ztunnel's own address there (a process cluster), or its pod's IP
+    /// (a `--kubernetes` cluster, where ztunnel is a DaemonSet pod).
+    ///
+    /// # Errors
+    /// [`Error::PodNotFound`] when no ztunnel pod runs on the node; [`Error::Objects`].
+    pub fn ztunnel_metrics(&self, node: u8) -> Result<(String, std::net::SocketAddr), Error> {
+        let netns_name = self.layout.node_netns(node);
+        if !self.description.kubernetes {
+            return Ok((netns_name, self.ztunnel_stats_address(node)));
+        }
+        let pod = self
+            .ztunnel_pod(node)?
+            .ok_or_else(|| Error::PodNotFound(format!("ztunnel on {}", layout::node_name(node))))?;
+        let ip: std::net::IpAddr = pod.0["status"]["podIP"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| {
+                Error::PodNotFound(format!(
+                    "ztunnel on {} (no pod IP yet)",
+                    layout::node_name(node)
+                ))
+            })?;
+        Ok((
+            netns_name,
+            std::net::SocketAddr::new(ip, ZTUNNEL_STATS_PORT),
+        ))
     }
 
     /// Starts node `node`'s mesh components in its netns: the CNI node agent (the chained
@@ -838,6 +1074,7 @@ impl Cluster {
             store: Store::new(layout.store_dir()),
             layout,
             description,
+            api: Default::default(),
         })
     }
 
@@ -879,60 +1116,137 @@ impl Cluster {
         &self.description
     }
 
-    /// The object store.
+    /// The object store of a process cluster (a `--kubernetes` cluster keeps its objects in
+    /// the API server: use [`Cluster::objects`]).
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    /// Applies objects (all or nothing).
+    /// Where this cluster's objects live: its API server (a `--kubernetes` cluster, connected
+    /// on first use) or its object store.
     ///
     /// # Errors
-    /// [`Error::Store`] naming the object.
+    /// [`Error::Objects`] when the API server's kubeconfig cannot be used.
+    pub fn objects(&self) -> Result<&dyn Objects, Error> {
+        if !self.description.kubernetes {
+            return Ok(&self.store);
+        }
+        self.kube_api().map(|api| api as &dyn Objects)
+    }
+
+    /// The API server connection of a `--kubernetes` cluster.
+    ///
+    /// # Errors
+    /// [`Error::Runner`] for a cluster without Kubernetes; [`Error::Objects`] when its
+    /// kubeconfig cannot be used.
+    pub fn kube_api(&self) -> Result<&api::KubeApi, Error> {
+        if let Some(api) = self.api.get() {
+            return Ok(api);
+        }
+        let opened = api::KubeApi::open(&self.kubeconfig_path()?)?;
+        let _ = self.api.set(opened);
+        self.api
+            .get()
+            .ok_or_else(|| Error::Runner("the API server connection was not kept".into()))
+    }
+
+    /// Parses a manifest text: fully validated for the object store; identity only for the
+    /// API server, which validates the rest itself.
+    ///
+    /// # Errors
+    /// [`Error::Manifest`] naming the file, object and field.
+    pub fn parse(&self, text: &str, file: &str) -> Result<Vec<Object>, Error> {
+        Ok(if self.description.kubernetes {
+            manifest::parse_documents(text, file)?
+        } else {
+            manifest::parse(text, file)?
+        })
+    }
+
+    /// Reads and parses (as [`Cluster::parse`]) a manifest file or every `.yaml`, `.yml` and
+    /// `.json` file of a directory, in name order.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Manifest`].
+    pub fn read_path(&self, path: &Path) -> Result<Vec<Object>, Error> {
+        if !self.description.kubernetes {
+            return Ok(manifest::read_path(path)?);
+        }
+        let mut files = Vec::new();
+        if path.is_dir() {
+            let entries =
+                std::fs::read_dir(path).map_err(io(format!("reading {}", path.display())))?;
+            for entry in entries.flatten() {
+                let file = entry.path();
+                if file
+                    .extension()
+                    .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                {
+                    files.push(file);
+                }
+            }
+            files.sort();
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut objects = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file)
+                .map_err(io(format!("reading {}", file.display())))?;
+            objects.extend(self.parse(&text, &file.display().to_string())?);
+        }
+        Ok(objects)
+    }
+
+    /// Applies objects (the store: all or nothing; the API server: in order, server-side
+    /// apply).
+    ///
+    /// # Errors
+    /// [`Error::Objects`] naming the object.
     pub fn apply(&self, objects: &[Object]) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
-        Ok(self.store.apply(objects)?)
+        Ok(self.objects()?.apply(objects)?)
     }
 
     /// Parses and applies a manifest text.
     ///
     /// # Errors
-    /// [`Error::Manifest`] or [`Error::Store`]; nothing is applied then.
+    /// [`Error::Manifest`] (nothing is applied then) or [`Error::Objects`].
     pub fn apply_yaml(&self, text: &str) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
-        self.apply(&manifest::parse(text, "-")?)
+        let objects = self.parse(text, "-")?;
+        self.apply(&objects)
     }
 
     /// Reads and applies a file or directory of manifests.
     ///
     /// # Errors
-    /// [`Error::Manifest`] or [`Error::Store`]; nothing is applied then.
+    /// [`Error::Manifest`] (nothing is applied then) or [`Error::Objects`].
     pub fn apply_path(&self, path: &Path) -> Result<Vec<(ObjectKey, Outcome)>, Error> {
-        self.apply(&manifest::read_path(path)?)
+        let objects = self.read_path(path)?;
+        self.apply(&objects)
     }
 
     /// Deletes the objects named in a manifest text.
     ///
     /// # Errors
-    /// [`Error::Manifest`] or [`Error::Store`].
+    /// [`Error::Manifest`] or [`Error::Objects`].
     pub fn delete_yaml(&self, text: &str) -> Result<Vec<(ObjectKey, bool)>, Error> {
-        let keys: Vec<ObjectKey> = manifest::parse(text, "-")?
-            .iter()
-            .map(Object::key)
-            .collect();
-        Ok(self.store.delete(&keys)?)
+        let keys: Vec<ObjectKey> = self.parse(text, "-")?.iter().map(Object::key).collect();
+        Ok(self.objects()?.delete(&keys)?)
     }
 
     /// Deletes the objects named in a file or directory of manifests.
     ///
     /// # Errors
-    /// [`Error::Manifest`] or [`Error::Store`].
+    /// [`Error::Manifest`] or [`Error::Objects`].
     pub fn delete_path(&self, path: &Path) -> Result<Vec<(ObjectKey, bool)>, Error> {
-        let keys: Vec<ObjectKey> = manifest::read_path(path)?.iter().map(Object::key).collect();
-        Ok(self.store.delete(&keys)?)
+        let keys: Vec<ObjectKey> = self.read_path(path)?.iter().map(Object::key).collect();
+        Ok(self.objects()?.delete(&keys)?)
     }
 
     /// Sets (`Some`) or removes (`None`) a label on a namespace.
     ///
     /// # Errors
-    /// [`Error::Store`]; [`Error::NotFound`] for a missing namespace.
+    /// [`Error::Objects`]; [`Error::NotFound`] for a missing namespace.
     pub fn label_namespace(
         &self,
         namespace: &str,
@@ -940,30 +1254,20 @@ impl Cluster {
         value: Option<&str>,
     ) -> Result<(), Error> {
         let object_key = ObjectKey::new("", "Namespace", None, namespace);
-        let _lock = self.store.lock()?;
-        let mut object = self
-            .store
-            .get(&object_key)?
-            .ok_or_else(|| Error::NotFound(format!("namespace {namespace}")))?;
-        match value {
-            Some(value) => object.0["metadata"]["labels"][key] = json!(value),
-            None => {
-                if let Some(labels) = object.0["metadata"]["labels"].as_object_mut() {
-                    labels.remove(key);
-                }
-            }
+        if self.objects()?.set_label(&object_key, key, value)? {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("namespace {namespace}")))
         }
-        self.store.put(&object)?;
-        Ok(())
     }
 
     /// Pods in `namespace` (all namespaces for `None`).
     ///
     /// # Errors
-    /// [`Error::Store`].
+    /// [`Error::Objects`].
     pub fn pods(&self, namespace: Option<&str>) -> Result<Vec<Object>, Error> {
         Ok(self
-            .store
+            .objects()?
             .list("", "Pod")?
             .into_iter()
             .filter(|p| namespace.is_none_or(|ns| p.namespace() == Some(ns)))
@@ -975,9 +1279,20 @@ impl Cluster {
     /// # Errors
     /// [`Error::PodNotFound`].
     pub fn pod(&self, namespace: &str, name: &str) -> Result<Object, Error> {
-        self.store
+        self.objects()?
             .get(&ObjectKey::new("", "Pod", Some(namespace), name))?
             .ok_or_else(|| Error::PodNotFound(format!("{namespace}/{name}")))
+    }
+
+    /// The cluster IP of Service `namespace/name`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when there is no such Service (or it has no cluster IP).
+    pub fn service_ip(&self, namespace: &str, name: &str) -> Result<String, Error> {
+        self.objects()?
+            .get(&ObjectKey::new("", "Service", Some(namespace), name))?
+            .and_then(|svc| svc.0["spec"]["clusterIP"].as_str().map(str::to_owned))
+            .ok_or_else(|| Error::NotFound(format!("Service {namespace}/{name}")))
     }
 
     /// Waits until exactly `count` pods in `namespace` carrying every label of `selector` are
@@ -1374,6 +1689,7 @@ mod tests {
         let layout = Layout::new("wp", Some(Path::new("/tmp/weft-wp-state"))).unwrap();
         let cluster = Cluster {
             store: Store::new(layout.store_dir()),
+            api: Default::default(),
             description: Description {
                 name: "wp".into(),
                 nodes: 1,

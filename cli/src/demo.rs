@@ -1,7 +1,10 @@
 //! `weft demo`: the guided tour of incremental mesh adoption, L4 then L7, on a 2-node local
 //! cluster.
 //!
-//! Brings the cluster up (controller, CNI agent and ztunnel per node), applies the manifests of
+//! Brings the cluster up — the real Kubernetes control plane (etcd, kube-apiserver,
+//! controller-manager, scheduler, kube-proxy per node, CoreDNS) with Weft installed by
+//! `helm install` of its own charts (the controller as a Deployment, ztunnel and the CNI agent as
+//! DaemonSets on our netns kubelets) — applies the manifests of
 //! `examples/demo/` and `examples/bring-your-own-app/web.yaml` (built in; `--examples DIR`
 //! reads them from a directory instead) and walks through eight steps, printing for each client
 //! what was **observed**, never canned text:
@@ -18,6 +21,7 @@
 //!   metrics; curl → nginx too), an HTTPRoute canary split, an L7 AuthorizationPolicy next to
 //!   the L4 one, and the waypoint removed — all without restarting a pod.
 //!
+//! Clients dial Services by their DNS names (`echo.demo`, `web.demo`, answered by CoreDNS).
 //! What a request did comes from the client (status, which replica answered, the source address
 //! the server saw) and from the destination ztunnels' metrics read before and after it
 //! (`istio_tcp_connections_opened_total` by `connection_security_policy`, `source_principal`
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::cluster::{self, Cluster, Object, ObjectKey, Options, layout};
+use crate::cluster::{self, Cluster, Object, Options, kube, layout};
 
 mod l7;
 mod observe;
@@ -70,6 +74,11 @@ const REQUESTS: u32 = 4;
 
 /// The namespace the demo enrolls.
 const NS: &str = "demo";
+
+/// The echo Service as clients dial it (a pod's resolver searches `<ns>.svc.cluster.local`).
+const ECHO_HOST: &str = "echo.demo";
+/// The nginx Service as clients dial it.
+const WEB_HOST: &str = "web.demo";
 
 /// What `weft demo` needs.
 #[derive(Debug, Clone)]
@@ -156,10 +165,25 @@ fn preflight(config: &Config, weft_exe: &Path) -> Result<()> {
             weft_exe.display()
         );
     }
+    let missing: Vec<&str> = kube::PROGRAMS
+        .iter()
+        .chain(&kube::NODE_PROGRAMS)
+        .chain(&["kubectl", "helm"])
+        .copied()
+        .filter(|p| kube::program(p).is_err())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} not found in {}: `scripts/install-deps` builds the Kubernetes control plane \
+             from its Go modules and installs kubectl and helm (or run `scripts/demo`)",
+            missing.join(", "),
+            kube::bin_dir().display()
+        );
+    }
     if Cluster::open(&config.name, None).is_ok() {
         bail!(
             "a cluster named {name:?} is already up (a previous demo?): `weft demo down{flag}` \
-             removes it; or look around with `weft cluster get pods -A --cluster {name}`",
+             removes it; or look around with `kubectl --kubeconfig $(weft cluster kubeconfig --cluster {name} --path) get pods -A`",
             name = config.name,
             flag = if config.name == DEFAULT_NAME {
                 String::new()
@@ -329,13 +353,15 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     let started = Instant::now();
     writeln!(
         out,
-        "Weft demo: bringing up local cluster {:?} (2 nodes; controller, CNI agent and ztunnel \
+        "Weft demo: bringing up local cluster {:?}: 2 nodes running the real Kubernetes control \
+         plane, Weft installed with `helm install` of charts/ (controller; ztunnel and CNI agent \
          per node). Ctrl-C is safe at any point: `weft demo down` removes everything.",
         config.name
     )?;
     let mut options = Options::new(&config.name);
     options.nodes = 2;
     options.weft_exe = Some(weft_exe);
+    options.kubernetes = true;
     let cluster = Cluster::up(&options)?;
     let examples = config.examples.as_deref();
     cluster.apply_yaml(&manifest(examples, "00-app.yaml")?)?;
@@ -345,18 +371,8 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     cluster.wait_ready(NS, &[("app", "web")], 1, ready)?;
     cluster.wait_ready(NS, &[], 6, ready)?;
     cluster.wait_ready("legacy", &[], 1, ready)?;
-    let cluster_ip = |name: &str| -> Result<String> {
-        let svc = cluster
-            .store()
-            .get(&ObjectKey::new("", "Service", Some(NS), name))?
-            .with_context(|| format!("Service demo/{name}"))?;
-        Ok(svc.0["spec"]["clusterIP"]
-            .as_str()
-            .unwrap_or("-")
-            .to_owned())
-    };
-    let vip = cluster_ip("echo")?;
-    let web_vip = cluster_ip("web")?;
+    let vip = cluster.service_ip(NS, "echo")?;
+    let web_vip = cluster.service_ip(NS, "web")?;
     let pods = Pods::of(&cluster, NS)?;
     let legacy = Pods::of(&cluster, "legacy")?;
     let placement: Vec<String> = echo
@@ -374,11 +390,11 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
         pods.ip("batch"),
         legacy.ip("client"),
     )?;
-    // The local cluster has no DNS: clients dial the VIP, as a pod's resolver would return it.
+    // Clients dial the Services by name: CoreDNS answers with the VIP.
     let mut tour = Tour {
         cluster: &cluster,
         examples,
-        url: format!("http://{vip}/"),
+        url: format!("http://{ECHO_HOST}/"),
         out,
         unexpected: 0,
     };
@@ -391,7 +407,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     }
 
     tour.say(
-        "\n(b) `weft cluster label namespace demo istio.io/dataplane-mode=ambient` — no pod is \
+        "\n(b) `kubectl label namespace demo istio.io/dataplane-mode=ambient` — no pod is \
          restarted.",
     )?;
     let uids_before: BTreeSet<String> = cluster
@@ -452,7 +468,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     )?;
 
     tour.say(
-        "\n(c) `weft cluster apply -f examples/demo/10-allow-frontend.yaml`: only \
+        "\n(c) `kubectl apply -f examples/demo/10-allow-frontend.yaml`: only \
          spiffe://cluster.local/ns/demo/sa/frontend may reach echo.",
     )?;
     cluster.apply_yaml(&manifest(examples, "10-allow-frontend.yaml")?)?;
@@ -461,7 +477,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     tour.request("legacy", "client", "refused", Observed::none_answered)?;
 
     tour.say(
-        "\n(d) Policy removed; `weft cluster apply -f examples/demo/20-strict-mtls.yaml`: \
+        "\n(d) Policy removed; `kubectl apply -f examples/demo/20-strict-mtls.yaml`: \
          namespace demo accepts mutual TLS only.",
     )?;
     cluster.delete_yaml(&manifest(examples, "10-allow-frontend.yaml")?)?;
@@ -471,7 +487,7 @@ pub fn run(config: &Config, out: &mut dyn Write) -> Result<()> {
     tour.request(NS, "frontend", "answered over mTLS", Observed::all_answered)?;
 
     // The L7 half, on the same cluster and pods.
-    l7::run(&mut tour, &vip, &web_vip)?;
+    l7::run(&mut tour, ECHO_HOST, WEB_HOST)?;
 
     let unexpected = tour.unexpected;
     let text = look_around(&config.name, &tour.url);
@@ -497,7 +513,8 @@ fn look_around(name: &str, url: &str) -> String {
          weft ztunnel-config policies{name_flag}\n  \
          weft ztunnel-config certificates{name_flag}\n  \
          weft proxy-status{name_flag}                   # the controller's xDS clients, ACKed and in sync\n  \
-         weft cluster get pods -A{name_flag}\n  \
+         export KUBECONFIG=$(weft cluster kubeconfig{name_flag} --path)\n  \
+         kubectl get pods -A                          # the mesh: controller, ztunnel and CNI agent pods\n  \
          weft cluster exec{name_flag} demo/frontend -- weft-echo client {url}\n\
          Remove everything: weft demo down{down_flag}"
     )

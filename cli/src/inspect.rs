@@ -1,7 +1,8 @@
 //! Looking inside a running local cluster's mesh: `weft ztunnel-config …` (each node's ztunnel
-//! admin endpoint, `GET /config_dump` on 127.0.0.1:15000 inside the node's network namespace)
-//! and `weft proxy-status` (the controller's xDS clients, `GET /debug/connections` on its debug
-//! port inside the control-plane namespace).
+//! admin endpoint, `GET /config_dump` on 127.0.0.1:15000 inside ztunnel's network namespace:
+//! its DaemonSet pod's, or the node's in a process cluster) and `weft proxy-status` (the
+//! controller's xDS clients, `GET /debug/connections` on its debug port 15014, inside its pod's
+//! namespace, or the control-plane namespace).
 //!
 //! Each command yields a [`Report`]: rows for the default table, and the JSON it came from for
 //! `-o json|yaml`.
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cluster::{self, Cluster, layout, netns};
+use crate::cluster::{Cluster, layout, netns};
 
 /// ztunnel's admin address inside a node's network namespace.
 pub const ZTUNNEL_ADMIN: SocketAddr =
@@ -181,11 +182,11 @@ pub fn config_dump(cluster: &Cluster, node: u8) -> Result<Value, Error> {
     if !(1..=nodes).contains(&node) {
         return Err(Error::NoSuchNode(node, nodes));
     }
-    get_json(
-        &cluster.layout().node_netns(node),
-        ZTUNNEL_ADMIN,
-        "/config_dump",
-    )
+    let (netns_name, addr) = cluster.ztunnel_admin(node).map_err(|e| Error::Endpoint {
+        what: format!("ztunnel on {}", layout::node_name(node)),
+        message: e.to_string(),
+    })?;
+    get_json(&netns_name, addr, "/config_dump")
 }
 
 fn text(v: &Value) -> String {
@@ -337,15 +338,11 @@ pub fn ztunnel_config(
 /// # Errors
 /// [`Error`] when the controller's debug endpoint does not answer.
 pub fn proxy_status(cluster: &Cluster) -> Result<Report, Error> {
-    let addr = SocketAddr::new(
-        cluster.control_plane_address().ip(),
-        cluster::CONTROL_PLANE_DEBUG_PORT,
-    );
-    let connections = get_json(
-        &cluster.layout().control_plane_netns(),
-        addr,
-        "/debug/connections",
-    )?;
+    let (netns_name, addr) = cluster.controller_debug().map_err(|e| Error::Endpoint {
+        what: "the controller".into(),
+        message: e.to_string(),
+    })?;
+    let connections = get_json(&netns_name, addr, "/debug/connections")?;
     Ok(proxy_status_report(connections))
 }
 

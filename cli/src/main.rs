@@ -366,13 +366,13 @@ fn split_pod(pod: &str) -> anyhow::Result<(&str, &str)> {
         .with_context(|| format!("{pod:?} is not NAMESPACE/POD"))
 }
 
-fn read_manifests(file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
+fn read_manifests(cluster: &Cluster, file: &std::path::Path) -> anyhow::Result<Vec<Object>> {
     if file.as_os_str() == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
-        Ok(cluster::manifest::parse(&text, "-")?)
+        Ok(cluster.parse(&text, "-")?)
     } else {
-        Ok(cluster::manifest::read_path(file)?)
+        Ok(cluster.read_path(file)?)
     }
 }
 
@@ -497,7 +497,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         ClusterCommand::Apply { target, file, .. } => {
             let cluster = open(&target)?;
-            for (key, outcome) in cluster.apply(&read_manifests(&file)?)? {
+            for (key, outcome) in cluster.apply(&read_manifests(&cluster, &file)?)? {
                 let verb = match outcome {
                     Outcome::Created => "created",
                     Outcome::Configured => "configured",
@@ -508,8 +508,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         ClusterCommand::Delete { target, file, .. } => {
             let cluster = open(&target)?;
-            let keys: Vec<_> = read_manifests(&file)?.iter().map(Object::key).collect();
-            for (key, existed) in cluster.store().delete(&keys)? {
+            let keys: Vec<_> = read_manifests(&cluster, &file)?
+                .iter()
+                .map(Object::key)
+                .collect();
+            for (key, existed) in cluster.objects()?.delete(&keys)? {
                 println!("{key} {}", if existed { "deleted" } else { "not found" });
             }
         }
@@ -636,7 +639,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
                 enroll_namespace,
                 overwrite,
             };
-            let applied = waypoint::apply(cluster.store(), &options)?;
+            let applied = waypoint::apply(cluster.objects()?, &options)?;
             if !applied.namespace_ambient {
                 eprintln!(
                     "warning: namespace {namespace} is not labelled {}=ambient: its workloads are not in the mesh, so they do not use the waypoint",
@@ -657,7 +660,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             }
             if wait {
                 waypoint::wait_programmed(
-                    cluster.store(),
+                    cluster.objects()?,
                     &namespace,
                     &name,
                     timeout,
@@ -674,7 +677,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
         } => {
             let cluster = open(&target)?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
-            let gateways = waypoint::waypoints(cluster.store(), ns)?;
+            let gateways = waypoint::waypoints(cluster.objects()?, ns)?;
             if gateways.is_empty() && output == "table" {
                 match ns {
                     Some(ns) => println!("no waypoints found in namespace {ns}"),
@@ -692,7 +695,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let cluster = open(&target)?;
-            let mut gateways = waypoint::waypoints(cluster.store(), Some(&namespace))?;
+            let mut gateways = waypoint::waypoints(cluster.objects()?, Some(&namespace))?;
             if let Some(name) = &name {
                 gateways.retain(|g| g.name() == name);
                 if gateways.is_empty() {
@@ -722,7 +725,7 @@ fn run_waypoint(command: WaypointCommand) -> anyhow::Result<ExitCode> {
                 waypoint::Selection::Names(names)
             };
             let mut missing = false;
-            for (key, existed) in waypoint::delete(cluster.store(), &namespace, &selection)? {
+            for (key, existed) in waypoint::delete(cluster.objects()?, &namespace, &selection)? {
                 if existed {
                     println!("waypoint {namespace}/{} deleted", key.name);
                 } else {
@@ -765,7 +768,7 @@ fn print_objects(
 ) -> anyhow::Result<()> {
     let (group, kind_name) = kind_of(kind)?;
     let objects: Vec<Object> = cluster
-        .store()
+        .objects()?
         .list(group, kind_name)?
         .into_iter()
         .filter(|o| namespace.is_none_or(|ns| o.namespace().is_none_or(|n| n == ns)))

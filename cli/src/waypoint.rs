@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::cluster::{Object, ObjectKey, Outcome, Store, store};
+use crate::cluster::{Object, ObjectKey, Objects, Outcome, objects, store};
 use crate::inspect::Report;
 
 /// The Gateway API group.
@@ -96,6 +96,9 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// The cluster's objects (API server or store) could not be read or written.
+    #[error(transparent)]
+    Objects(#[from] objects::Error),
 }
 
 /// The waypoint Gateway `istioctl waypoint generate` prints.
@@ -155,12 +158,13 @@ pub struct Applied {
     pub namespace_ambient: bool,
 }
 
-/// Writes the waypoint Gateway into `store` (and with `enroll_namespace` labels its namespace).
+/// Writes the waypoint Gateway into the cluster's `store` (its API server or object store), and
+/// with `enroll_namespace` labels its namespace.
 ///
 /// # Errors
 /// [`Error::ReservedName`] for `none`; [`Error::NamespaceNotFound`]; [`Error::Exists`] when it
-/// exists without `overwrite`; [`Error::Store`].
-pub fn apply(store: &Store, options: &ApplyOptions) -> Result<Applied, Error> {
+/// exists without `overwrite`; [`Error::Objects`].
+pub fn apply(store: &dyn Objects, options: &ApplyOptions) -> Result<Applied, Error> {
     if options.name == "none" {
         return Err(Error::ReservedName);
     }
@@ -182,15 +186,14 @@ pub fn apply(store: &Store, options: &ApplyOptions) -> Result<Applied, Error> {
         .apply(std::slice::from_ref(&object))?
         .first()
         .map_or(Outcome::Created, |(_, outcome)| *outcome);
-    if options.enroll_namespace {
-        let _lock = store.lock()?;
-        let mut namespace = store
-            .get(&namespace_key(&options.namespace))?
-            .ok_or_else(|| Error::NamespaceNotFound(options.namespace.clone()))?;
-        if namespace.0["metadata"]["labels"][USE_WAYPOINT_LABEL] != options.name.as_str() {
-            namespace.0["metadata"]["labels"][USE_WAYPOINT_LABEL] = json!(options.name);
-            store.put(&namespace)?;
-        }
+    if options.enroll_namespace
+        && !store.set_label(
+            &namespace_key(&options.namespace),
+            USE_WAYPOINT_LABEL,
+            Some(&options.name),
+        )?
+    {
+        return Err(Error::NamespaceNotFound(options.namespace.clone()));
     }
     Ok(Applied {
         outcome,
@@ -218,7 +221,7 @@ pub fn programmed(gateway: &Object) -> bool {
 /// # Errors
 /// [`Error::NotFound`] when it disappears; [`Error::Timeout`] with the last condition seen.
 pub fn wait_programmed(
-    store: &Store,
+    store: &dyn Objects,
     namespace: &str,
     name: &str,
     timeout: Duration,
@@ -261,8 +264,8 @@ pub fn wait_programmed(
 /// Waypoint Gateways (class `istio-waypoint`) in `namespace` (every namespace for `None`).
 ///
 /// # Errors
-/// [`Error::Store`].
-pub fn waypoints(store: &Store, namespace: Option<&str>) -> Result<Vec<Object>, Error> {
+/// [`Error::Objects`].
+pub fn waypoints(store: &dyn Objects, namespace: Option<&str>) -> Result<Vec<Object>, Error> {
     Ok(store
         .list(GATEWAY_GROUP, "Gateway")?
         .into_iter()
@@ -375,13 +378,12 @@ pub enum Selection {
 /// key and whether it existed.
 ///
 /// # Errors
-/// [`Error::Store`].
+/// [`Error::Objects`].
 pub fn delete(
-    store: &Store,
+    store: &dyn Objects,
     namespace: &str,
     selection: &Selection,
 ) -> Result<Vec<(ObjectKey, bool)>, Error> {
-    let _lock = store.lock()?;
     let targets: Vec<(ObjectKey, Option<Object>)> = match selection {
         Selection::Names(names) => names
             .iter()
@@ -412,7 +414,7 @@ pub fn delete(
     let mut results = Vec::new();
     for (gateway_key, current) in targets {
         let uid = current.as_ref().and_then(Object::uid).map(str::to_owned);
-        let existed = store.remove(&gateway_key)?;
+        let existed = deleted(store, &gateway_key)?;
         if let Some(uid) = uid {
             for dependent in &dependents {
                 let owned = dependent.0["metadata"]["ownerReferences"]
@@ -421,7 +423,7 @@ pub fn delete(
                     .flatten()
                     .any(|r| r["kind"] == "Gateway" && r["uid"] == uid.as_str());
                 if owned {
-                    store.remove(&dependent.key())?;
+                    deleted(store, &dependent.key())?;
                 }
             }
         }
@@ -430,9 +432,18 @@ pub fn delete(
     Ok(results)
 }
 
+/// Deletes one object; whether it existed.
+fn deleted(store: &dyn Objects, key: &ObjectKey) -> Result<bool, Error> {
+    Ok(store
+        .delete(std::slice::from_ref(key))?
+        .first()
+        .is_some_and(|(_, existed)| *existed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::Store;
 
     struct TempStore(std::path::PathBuf, Store);
 

@@ -2,16 +2,19 @@
 //! with typical values (`charts/tests/values/`), every container `env` name one its binary
 //! accepts (from the binary's own `--help`, which clap writes from its `Command`), the values
 //! schemas refusing a misspelled or mistyped value, revisions naming and labelling everything,
-//! and the CRDs byte-identical to the pinned upstream manifests. The server-side check against
-//! a real kube-apiserver is in `kubernetes.rs`. Needs helm (`scripts/install-deps`).
+//! the CRDs byte-identical to the pinned upstream manifests, and every rendered object valid
+//! against the Kubernetes schemas offline and strictly (`charts/tests/validate.py`). The
+//! server-side check against a real kube-apiserver is in `kubernetes.rs`. Needs helm and
+//! kubernetes-validate (`scripts/install-deps`).
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use weft::cluster::kube;
@@ -61,6 +64,56 @@ fn objects(yaml: &str) -> Vec<Value> {
             (!v.is_null()).then_some(v)
         })
         .collect()
+}
+
+/// `charts/tests/validate.py` (kubernetes-validate from `scripts/install-deps`), or `None` (with
+/// the reason printed) when it is not installed; with `CI` set that is a failure.
+fn schema_validator() -> Option<PathBuf> {
+    let script = charts_dir().join("tests/validate.py");
+    let reason = match Command::new("python3").arg(&script).arg("--check").output() {
+        Ok(out) if out.status.success() => return Some(script),
+        // Exit 3: kubernetes-validate is not installed (or does not import).
+        Ok(out) if out.status.code() == Some(3) => {
+            String::from_utf8_lossy(&out.stderr).trim().to_owned()
+        }
+        Ok(out) => panic!(
+            "{} --check: {}{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(err) => format!("running python3: {err}"),
+    };
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set and the schema validator is missing: {reason}"
+    );
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+/// `python3 <validator>` with `yaml` on stdin: (exit code, stdout and stderr).
+fn validate_yaml(validator: &Path, yaml: &str) -> (Option<i32>, String) {
+    let mut child = Command::new("python3")
+        .arg(validator)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // validate.py reads all of stdin before it writes anything: no deadlock on a full pipe.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(yaml.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// The environment variables `binary` reads: clap's `[env: NAME=…]` in its `--help`, and
@@ -140,6 +193,62 @@ fn every_chart_lints_and_renders_with_defaults_and_typical_values() {
             let problems = unknown_env(&objects);
             assert!(problems.is_empty(), "{chart} {args:?}: {problems:#?}");
         }
+    }
+}
+
+#[test]
+fn every_rendered_object_validates_against_the_kubernetes_schemas() {
+    // Offline and strict (an unknown field is an error): every object each chart renders, with
+    // the defaults and with typical values, CRDs included, against the Kubernetes 1.35 schemas
+    // kubernetes-validate bundles, and custom resources against the CRDs in charts/base/crds.
+    let Some(helm) = helm() else { return };
+    let Some(validator) = schema_validator() else {
+        return;
+    };
+    for chart in CHARTS {
+        let values = charts_dir().join(format!("tests/values/{chart}.yaml"));
+        for args in [
+            vec!["--include-crds"],
+            vec!["--include-crds", "-f", values.to_str().unwrap()],
+        ] {
+            let (ok, out, err) = template(&helm, chart, &args);
+            assert!(ok, "helm template {chart} {args:?}: {err}");
+            let (code, report) = validate_yaml(&validator, &out);
+            assert_eq!(code, Some(0), "{chart} {args:?}:\n{report}");
+        }
+    }
+    // The check could fail: a misspelled field, in a Kubernetes kind and in a custom resource,
+    // is reported with its object and field path.
+    let deployment = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: broken, namespace: istio-system}
+spec:
+  replica: 2
+  selector: {matchLabels: {app: x}}
+  template:
+    metadata: {labels: {app: x}}
+    spec: {containers: [{name: x, image: x}]}
+";
+    let gateway = "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE, hostnme: x}]
+";
+    for (broken, expected) in [
+        (
+            deployment,
+            "ERROR Deployment/istio-system/broken (line 1): spec.replica: unknown field 'replica'",
+        ),
+        (
+            gateway,
+            "ERROR Gateway/demo/waypoint (line 1): spec.listeners[0].hostnme: unknown field 'hostnme'",
+        ),
+    ] {
+        let (code, report) = validate_yaml(&validator, broken);
+        assert_eq!(code, Some(1), "{report}");
+        assert!(report.contains(expected), "{report}");
     }
 }
 

@@ -33,6 +33,7 @@ spec:
     spec:
       containers:
       - name: echo
+        image: weft/weft-echo
         command: [weft-echo, serve, --http-port, "8080", --tcp-port, "9000"]
         env:
         - name: POD_NAME
@@ -87,7 +88,11 @@ kind: Pod
 metadata: {name: client, namespace: b}
 spec:
   containers:
-  - {name: client, command: [sleep, infinity]}
+  - {name: client, image: weft/sleep, command: [sleep, infinity]}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: robot, namespace: b}
 ---
 apiVersion: v1
 kind: Pod
@@ -95,7 +100,7 @@ metadata: {name: robot, namespace: b}
 spec:
   serviceAccountName: robot
   containers:
-  - {name: robot, command: [sleep, infinity]}
+  - {name: robot, image: weft/sleep, command: [sleep, infinity]}
 "#,
     );
     for doc in [
@@ -218,7 +223,8 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
 
     // Status: Programmed, address = the Service hostname; owned objects exist.
     let gateway = cluster
-        .store()
+        .objects()
+        .unwrap()
         .get(&ObjectKey::new(
             "gateway.networking.k8s.io",
             "Gateway",
@@ -249,7 +255,8 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
         ("apps", "Deployment"),
     ] {
         let object = cluster
-            .store()
+            .objects()
+            .unwrap()
             .get(&ObjectKey::new(group, kind, Some("app"), "waypoint"))
             .unwrap()
             .unwrap_or_else(|| panic!("{kind} app/waypoint provisioned"));
@@ -306,7 +313,8 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
     let headers = &line["body"]["headers"];
     assert!(headers["x-request-id"].is_string(), "{line}");
     let client_pod = cluster
-        .store()
+        .objects()
+        .unwrap()
         .get(&ObjectKey::new("", "Pod", Some("b"), "client"))
         .unwrap()
         .expect("client pod");
@@ -467,7 +475,8 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
     // A waypoint restart (its pod deleted, the Deployment starts another): traffic that does not
     // use it never notices, and bound traffic is served again by the new pod.
     cluster
-        .store()
+        .objects()
+        .unwrap()
         .delete(&[ObjectKey::new("", "Pod", Some("app"), waypoint.name())])
         .unwrap();
     assert!(all_ok(
@@ -499,7 +508,8 @@ fn a_waypoint_applied_by_the_cli_carries_its_namespaces_traffic() {
     assert!(ok, "{stdout}{stderr}");
     wait_until("waypoint objects removed", PROGRAMMED, || {
         cluster
-            .store()
+            .objects()
+            .unwrap()
             .get(&ObjectKey::new(
                 "apps",
                 "Deployment",
@@ -632,7 +642,8 @@ fn routes_split_rewrite_redirect_and_route_grpc_at_the_waypoint() {
 
     // The rule with a bad regex is rejected in the route's status; the others keep working.
     let route = cluster
-        .store()
+        .objects()
+        .unwrap()
         .get(&ObjectKey::new(
             "gateway.networking.k8s.io",
             "HTTPRoute",
@@ -788,7 +799,7 @@ spec:
     metadata: {labels: {app: ejector, version: broken}}
     spec:
       containers:
-      - {name: idle, command: [sleep, infinity]}
+      - {name: idle, image: weft/sleep, command: [sleep, infinity]}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -810,7 +821,9 @@ fn retries_timeouts_and_outlier_detection_at_the_waypoint() {
     if !root_or_skip("retries_timeouts_and_outlier_detection_at_the_waypoint") {
         return;
     }
-    let cluster = TestCluster::up("t-wp-resilience", 2);
+    // HTTPRoute `retry` is Gateway API's experimental channel; the charts install the standard
+    // channel's CRDs, so this suite still runs on the process cluster's store.
+    let cluster = TestCluster::up_processes("t-wp-resilience", 2);
     apps_up(&cluster);
     let mut extra = echo_deployment("app", "good", "ejector", "good", 1);
     extra.push_str("---");

@@ -118,9 +118,9 @@ fn step_e(tour: &mut Tour<'_>, vip: &str, web_vip: &str) -> Result<Object> {
         enroll_namespace: true,
         overwrite: false,
     };
-    waypoint::apply(tour.cluster.store(), &options)?;
+    waypoint::apply(tour.cluster.objects()?, &options)?;
     waypoint::wait_programmed(
-        tour.cluster.store(),
+        tour.cluster.objects()?,
         NS,
         waypoint::DEFAULT_NAME,
         Duration::from_secs(60),
@@ -238,7 +238,7 @@ fn curl(tour: &Tour<'_>, pod: &str, url: &str) -> Result<(u16, String)> {
 /// (f) the canary route: header → v2, the rest 90/10.
 fn step_f(tour: &mut Tour<'_>, vip: &str, _waypoint: &Object) -> Result<()> {
     tour.say(
-        "\n(f) `weft cluster apply -f examples/demo/30-canary-route.yaml`: an HTTPRoute on \
+        "\n(f) `kubectl apply -f examples/demo/30-canary-route.yaml`: an HTTPRoute on \
          Service echo — `x-canary: yes` → echo-v2, the rest 90/10 echo-v1/echo-v2.",
     )?;
     let route = tour.manifest("30-canary-route.yaml")?;
@@ -309,7 +309,7 @@ fn denial_details(tour: &Tour<'_>, waypoint: &Object, principal: &str) -> Option
 /// (g) L7 policy at the waypoint, the L4 policy at the ztunnels, together.
 fn step_g(tour: &mut Tour<'_>, vip: &str, waypoint: &Object) -> Result<()> {
     tour.say(
-        "\n(g) `weft cluster apply -f examples/demo/40-l7-policy.yaml -f \
+        "\n(g) `kubectl apply -f examples/demo/40-l7-policy.yaml -f \
          examples/demo/10-allow-frontend.yaml`: at the waypoint only frontend may GET /api/*; \
          at the ztunnels the L4 rule of (c) again.",
     )?;
@@ -409,7 +409,7 @@ fn step_g(tour: &mut Tour<'_>, vip: &str, waypoint: &Object) -> Result<()> {
 fn step_h(tour: &mut Tour<'_>, vip: &str) -> Result<()> {
     tour.say("\n(h) `weft waypoint delete -n demo waypoint` — back to L4 only, no pod restarted.")?;
     waypoint::delete(
-        tour.cluster.store(),
+        tour.cluster.objects()?,
         NS,
         &waypoint::Selection::Names(vec![waypoint::DEFAULT_NAME.to_owned()]),
     )?;

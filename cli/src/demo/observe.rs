@@ -34,11 +34,8 @@ pub(super) fn parse_line(line: &str) -> Option<(BTreeMap<&str, &str>, u64)> {
 pub(super) fn destination_counts(cluster: &Cluster) -> Result<Counts> {
     let mut counts = Counts::new();
     for node in 1..=cluster.description().nodes {
-        let (_, text) = inspect::http_get_in(
-            &cluster.layout().node_netns(node),
-            cluster.ztunnel_stats_address(node),
-            "/metrics",
-        )?;
+        let (netns_name, address) = cluster.ztunnel_metrics(node)?;
+        let (_, text) = inspect::http_get_in(&netns_name, address, "/metrics")?;
         for line in text.lines() {
             if !line.starts_with("istio_tcp_connections_opened_total{") {
                 continue;

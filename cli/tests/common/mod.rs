@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weft::cluster::{self, Cluster, Object, ObjectKey, Options};
+use weft::cluster::{self, Cluster, Object, Options};
 
 /// The `weft` binary under test.
 pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
@@ -30,12 +30,24 @@ pub fn root_or_skip(test: &str) -> bool {
 pub struct TestCluster(pub Cluster);
 
 impl TestCluster {
-    /// Brings up cluster `name` with `nodes` nodes (removing a leftover of that name first).
+    /// Brings up cluster `name` with `nodes` nodes (removing a leftover of that name first):
+    /// the real Kubernetes control plane with Weft installed by its Helm charts.
     pub fn up(name: &str, nodes: u8) -> Self {
+        Self::up_with(name, nodes, true)
+    }
+
+    /// As [`TestCluster::up`] but the mesh runs as processes beside the YAML-file store (the
+    /// suites still moving to [`TestCluster::up`]).
+    pub fn up_processes(name: &str, nodes: u8) -> Self {
+        Self::up_with(name, nodes, false)
+    }
+
+    fn up_with(name: &str, nodes: u8, kubernetes: bool) -> Self {
         let _ = Cluster::down(name, None);
         let mut options = Options::new(name);
         options.nodes = nodes;
         options.weft_exe = Some(WEFT.into());
+        options.kubernetes = kubernetes;
         TestCluster(Cluster::up(&options).expect("cluster up"))
     }
 }
@@ -95,14 +107,8 @@ pub fn ip_of(pod: &Object) -> String {
 /// The cluster IP of Service `ns/name`.
 pub fn cluster_ip(cluster: &Cluster, ns: &str, name: &str) -> String {
     cluster
-        .store()
-        .get(&ObjectKey::new("", "Service", Some(ns), name))
-        .unwrap()
-        .unwrap_or_else(|| panic!("service {ns}/{name}"))
-        .0["spec"]["clusterIP"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+        .service_ip(ns, name)
+        .unwrap_or_else(|e| panic!("service {ns}/{name}: {e}"))
 }
 
 /// Runs `weft-echo` with `args` in pod `ns/pod` and returns its JSON lines (whatever the exit
