@@ -217,8 +217,13 @@ enum ClusterCommand {
         /// kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS; built by
         /// scripts/install-deps) with a netns kubelet per node, and install Weft into it with
         /// `helm install` of the project's charts (WEFT_CHARTS_DIR overrides where they are).
-        #[arg(long)]
+        /// The default; the flag is kept for scripts that pass it.
+        #[arg(long, conflicts_with = "processes")]
         kubernetes: bool,
+        /// Instead of Kubernetes, the older process cluster: a YAML-file object store, Weft's
+        /// runner and the mesh as plain processes (kept while the last suites move).
+        #[arg(long)]
+        processes: bool,
         /// Run no mesh: no controller, CNI agent or ztunnel (a plain cluster).
         #[arg(long)]
         no_mesh: bool,
@@ -465,7 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             nodes,
             cni_bin_dir,
-            kubernetes,
+            processes,
             no_mesh,
             ..
         } => {
@@ -477,7 +482,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             options.nodes = nodes;
             options.state_dir = target.state_dir;
             options.plugin_dirs = vec![cni_bin_dir];
-            options.kubernetes = kubernetes;
+            options.kubernetes = !processes;
             options.control_plane = !no_mesh;
             options.mesh = !no_mesh;
             let cluster = Cluster::up(&options)?;
