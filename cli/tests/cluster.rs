@@ -1,5 +1,8 @@
-//! The local cluster end to end: real network namespaces, Debian's CNI plugins, iptables, and the
-//! weft-echo app. Needs root (CI runs as root); elsewhere each test prints why it skips.
+//! The local cluster end to end: real network namespaces, Debian's CNI plugins, iptables, the
+//! real Kubernetes control plane with Weft installed by its Helm charts (`TestCluster::up`), and
+//! the weft-echo app. Two tests still use the `--processes` stand-in (`up_processes`): the
+//! object store's all-or-nothing apply and the process control plane's own. Needs root (CI runs
+//! as root); elsewhere each test prints why it skips.
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 use std::collections::BTreeSet;
