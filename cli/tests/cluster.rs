@@ -1245,6 +1245,18 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
             .map(str::to_owned)
     };
 
+    // How often ztunnel started the client's proxy: a restarted agent's first snapshot holds
+    // every pod it restored, so ztunnel keeps the running proxy rather than stopping and
+    // starting it again.
+    let client_starts = || {
+        cluster
+            .logs(cluster::helm::NAMESPACE, ztunnel.name(), None)
+            .unwrap()
+            .matches("pod proxy started pod=client ")
+            .count()
+    };
+    let started = client_starts();
+    assert_eq!(started, 1, "the client's proxy started once");
     for round in 1..=2 {
         let seen = snapshots();
         // The agent's pod is deleted and its DaemonSet starts another; enrolled pods stay
@@ -1274,6 +1286,11 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
         wait_until(&format!("traffic after restart {round}"), READY, || {
             flows(4)
         });
+        assert_eq!(
+            client_starts(),
+            started,
+            "ztunnel kept the client's proxy across agent restart {round}"
+        );
     }
 }
 

@@ -436,6 +436,12 @@ impl Agent {
         added
     }
 
+    /// Lets ztunnels connect to the ZDS server (after [`Agent::restore`], so the first snapshot
+    /// holds every restored pod).
+    pub fn open_zds(&self) {
+        self.zds.open();
+    }
+
     /// After a restart: re-captures every pod recorded as captured (rules are re-applied
     /// idempotently and the pods go to ztunnel again).
     pub async fn restore(&self) {

@@ -73,6 +73,8 @@ pub struct Server {
     state: Arc<Mutex<State>>,
     snapshots: Arc<Snapshots>,
     path: PathBuf,
+    /// Whether ztunnels are taken (their first snapshot is complete only then).
+    open: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 fn sys(path: &Path) -> impl FnOnce(nix::Error) -> Error + '_ {
@@ -86,6 +88,19 @@ impl Server {
     /// # Errors
     /// [`Error::Socket`].
     pub fn bind(path: &Path) -> Result<Server, Error> {
+        let server = Self::bind_closed(path)?;
+        server.open();
+        Ok(server)
+    }
+
+    /// Binds `path` like [`Server::bind`] but takes no ztunnel until [`Server::open`]: a ztunnel
+    /// that connects meanwhile waits in the socket's backlog. A restarted agent restores every
+    /// recorded pod first, so the snapshot a ztunnel gets is whole — a partial one would make
+    /// ztunnel stop the proxies of the pods not yet restored.
+    ///
+    /// # Errors
+    /// [`Error::Socket`].
+    pub fn bind_closed(path: &Path) -> Result<Server, Error> {
         let _ = std::fs::remove_file(path);
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
@@ -111,9 +126,15 @@ impl Server {
             state: Arc::new(Mutex::new(State::default())),
             snapshots: Arc::new(Snapshots::new(0)),
             path: path.to_path_buf(),
+            open: Arc::new(tokio::sync::watch::Sender::new(false)),
         };
         tokio::spawn(server.clone().accept_loop(listener));
         Ok(server)
+    }
+
+    /// Starts taking ztunnels (see [`Server::bind_closed`]); idempotent.
+    pub fn open(&self) {
+        self.open.send_replace(true);
     }
 
     /// The socket path.
@@ -133,6 +154,10 @@ impl Server {
     }
 
     async fn accept_loop(self, listener: AsyncFd<OwnedFd>) {
+        let mut open = self.open.subscribe();
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
         loop {
             let Ok(mut guard) = listener.readable().await else {
                 return;

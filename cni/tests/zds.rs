@@ -139,3 +139,49 @@ async fn snapshot_then_live_adds_and_deletes_reach_ztunnel() {
     let _ = tokio::time::timeout(T, client).await;
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_server_takes_ztunnel_only_once_opened_with_every_pod() {
+    // A restarted agent restores its pods one by one; a ztunnel connecting meanwhile must get
+    // them all in its first snapshot, or it would stop the proxies of the pods not yet restored.
+    let path =
+        std::env::temp_dir().join(format!("weft-cni-zds-closed-{}.sock", std::process::id()));
+    let server = Server::bind_closed(&path).unwrap();
+    let recorder = Recorder::default();
+    let (trigger, watch) = weft_core::drain::channel();
+    let client = tokio::spawn(ztunnel::zds::run(
+        path.clone(),
+        Box::new(recorder.clone()),
+        watch,
+    ));
+    assert_eq!(
+        server.add_pod("u0", info("p0"), netns()).await,
+        Err(Error::NotConnected)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.connections(), 0, "not taken while closed");
+    assert!(recorder.events.lock().unwrap().is_empty());
+    assert_eq!(
+        server.add_pod("u1", info("p1"), netns()).await,
+        Err(Error::NotConnected)
+    );
+    server.open();
+    let events = recorder.events.clone();
+    until("snapshot reconciled", || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Reconcile(_)))
+    })
+    .await;
+    let seen = events.lock().unwrap().clone();
+    assert_eq!(
+        seen.last(),
+        Some(&Event::Reconcile(vec!["u0".into(), "u1".into()])),
+        "{seen:?}"
+    );
+    drop(trigger);
+    let _ = tokio::time::timeout(T, client).await;
+    let _ = std::fs::remove_file(&path);
+}

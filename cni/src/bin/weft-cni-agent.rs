@@ -158,7 +158,8 @@ async fn main() -> anyhow::Result<()> {
             let _ = installer_stopped.await;
         }))
     });
-    let server = zds::Server::bind(&args.zds_socket)?;
+    // No ztunnel is taken before every recorded pod is restored (its snapshot must be whole).
+    let server = zds::Server::bind_closed(&args.zds_socket)?;
     let agent = Agent::new(
         Config {
             node: args.node,
@@ -175,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         probe_snat.then(probe::Snat::new),
     );
     agent.restore().await;
+    agent.open_zds();
     tokio::spawn(agent.clone().run_reconciler());
     let serve = agent.serve_plugin();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
