@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::api::message as api_message;
 use ::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use ::kube::config::{KubeConfigOptions, Kubeconfig};
 use ::kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -286,14 +287,6 @@ impl volume::Sources for PodSources<'_> {
 
     fn node_root(&self) -> PathBuf {
         self.host.config.layout.node_root(self.host.config.node)
-    }
-}
-
-/// An API error's own message (the Status message), else the error's chain.
-fn api_message(err: &::kube::Error) -> String {
-    match err {
-        ::kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
-        other => crate::echo::error_message(other),
     }
 }
 
