@@ -1226,18 +1226,20 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
     wait_until("traffic flows through the mesh", READY, || flows(4));
     let before = redirection_state(&client_netns);
     assert!(before.contains("weft-ambient"), "{before}");
-    // ztunnel's log (its DaemonSet pod on node-1) says when it reconciles an agent snapshot.
+    // ztunnel's log (its DaemonSet pod on node-1) says when it reconciles an agent snapshot
+    // and when it starts a pod's proxy.
     let ztunnel = cluster
         .ztunnel_pod(1)
         .unwrap()
         .expect("a ztunnel pod on node-1");
-    let snapshots = || {
+    let ztunnel_log_count = |what: &str| {
         cluster
             .logs(cluster::helm::NAMESPACE, ztunnel.name(), None)
             .unwrap()
-            .matches("zds snapshot reconciled")
+            .matches(what)
             .count()
     };
+    let snapshots = || ztunnel_log_count("zds snapshot reconciled");
     let annotation = || {
         cluster.pod("b", "client").unwrap().0["metadata"]["annotations"]
             ["ambient.istio.io/redirection"]
@@ -1248,13 +1250,7 @@ fn a_restarted_cni_agent_keeps_pods_captured() {
     // How often ztunnel started the client's proxy: a restarted agent's first snapshot holds
     // every pod it restored, so ztunnel keeps the running proxy rather than stopping and
     // starting it again.
-    let client_starts = || {
-        cluster
-            .logs(cluster::helm::NAMESPACE, ztunnel.name(), None)
-            .unwrap()
-            .matches("pod proxy started pod=client ")
-            .count()
-    };
+    let client_starts = || ztunnel_log_count("pod proxy started pod=client ");
     let started = client_starts();
     assert_eq!(started, 1, "the client's proxy started once");
     for round in 1..=2 {

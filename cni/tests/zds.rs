@@ -79,6 +79,18 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("timed out: {what}"));
 }
 
+/// Waits until the recorder saw ztunnel reconcile a snapshot.
+async fn reconciled(events: &Mutex<Vec<Event>>) {
+    until("snapshot reconciled", || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Reconcile(_)))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_live_adds_and_deletes_reach_ztunnel() {
     let path = std::env::temp_dir().join(format!("weft-cni-zds-{}.sock", std::process::id()));
@@ -97,14 +109,7 @@ async fn snapshot_then_live_adds_and_deletes_reach_ztunnel() {
         watch,
     ));
     let events = recorder.events.clone();
-    until("snapshot reconciled", || {
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Reconcile(_)))
-    })
-    .await;
+    reconciled(&events).await;
     assert_eq!(
         events.lock().unwrap().clone(),
         vec![
@@ -167,14 +172,7 @@ async fn a_closed_server_takes_ztunnel_only_once_opened_with_every_pod() {
     );
     server.open();
     let events = recorder.events.clone();
-    until("snapshot reconciled", || {
-        events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| matches!(e, Event::Reconcile(_)))
-    })
-    .await;
+    reconciled(&events).await;
     let seen = events.lock().unwrap().clone();
     assert_eq!(
         seen.last(),
